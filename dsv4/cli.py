@@ -1,0 +1,46 @@
+"""The `dsv4` command line. Each subcommand lives in its own module and is imported lazily,
+so `dsv4 plan` never imports torch and `dsv4 --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module that defines `add_arguments(parser)` and `run(args)`, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("dsv4.model.info", "parameters, formats and memory of a V4 model or preset"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv4", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_module, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return 0
+        parser.parse_args(argv)  # prints the usage error for an unknown command
+        return 2
+    module_name, help_text = SUBCOMMANDS[argv[0]]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"dsv4 {argv[0]}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except ValueError as exc:  # user mistakes: say what and how to fix, no traceback
+        print(f"dsv4 {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
