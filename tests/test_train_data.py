@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsv4.train import data
+
+
+def test_corpus_is_deterministic_in_seed():
+    a = [e.messages for e in data.generate_examples(50, seed=3)]
+    b = [e.messages for e in data.generate_examples(50, seed=3)]
+    c = [e.messages for e in data.generate_examples(50, seed=4)]
+    assert a == b
+    assert a != c
+
+
+def test_eval_split_never_appears_in_training():
+    train_specs = {e.spec for e in data.generate_examples(5000, seed=0)}
+    eval_specs = {e.spec for e in data.eval_examples(300)}
+    assert eval_specs, "evaluation split is empty"
+    assert not train_specs & eval_specs
+    assert all(data.is_held_out(s) for s in eval_specs)
+
+
+def test_every_family_and_mode_is_present():
+    examples = list(data.generate_examples(400, seed=1))
+    seen = {(e.family, e.thinking_mode) for e in examples}
+    for family in data.FAMILY_WEIGHTS:
+        for mode in data.THINKING_MODES:
+            assert (family, mode) in seen
+
+
+def test_arithmetic_answers_are_right_and_reasoning_only_in_thinking_mode():
+    for e in data.generate_examples(300, seed=2, families={"arithmetic": 1.0}):
+        _, op, a, b = e.spec
+        expected = {"+": a + b, "-": a - b, "*": a * b}[op]
+        reply = e.messages[-1]
+        assert e.expected["answer"] == expected
+        assert reply["content"] == str(expected)
+        assert ("reasoning_content" in reply) == (e.thinking_mode == "thinking")
+        if e.thinking_mode == "thinking":
+            assert reply["reasoning_content"].endswith(f"= {expected}.")
+
+
+def test_tool_conversations_are_consistent():
+    kinds_of_values = set()
+    for e in data.generate_examples(300, seed=5, families={"tool": 1.0}):
+        system, user, call, result, final = e.messages
+        assert system["tools"] == data.TOOLS
+        tool_call = call["tool_calls"][0]
+        assert tool_call["function"]["name"] == e.expected["tool"]
+        arguments = json.loads(tool_call["function"]["arguments"])
+        assert arguments == e.expected["arguments"]
+        assert result["tool_call_id"] == tool_call["id"]
+        json.loads(result["content"])
+        assert final["content"] == e.expected["final"]
+        kinds_of_values |= {type(v).__name__ for v in arguments.values()}
+    # DSML needs both string="true" and string="false" parameters
+    assert {"str", "int"} <= kinds_of_values
+
+
+def test_calculator_rejects_anything_but_arithmetic():
+    assert data._evaluate_expression("(2 + 3) * 4") == 20
+    with pytest.raises(ValueError, match="calculator expression"):
+        data._evaluate_expression("__import__('os')")
+
+
+def test_bad_split_or_family_is_named():
+    with pytest.raises(ValueError, match="split"):
+        list(data.generate_examples(1, split="test"))
+    with pytest.raises(ValueError, match="poetry"):
+        list(data.generate_examples(1, families={"poetry": 1.0}))
