@@ -1,0 +1,92 @@
+"""Muon: momentum orthogonalised by a Newton-Schulz iteration, for matrix parameters.
+
+DeepSeek-V4 was trained with Muon for its matrices and AdamW for everything else
+(embeddings, the output head, norms, biases, hyper-connection vectors). Muon replaces each
+update matrix by (approximately) the nearest semi-orthogonal matrix, U V^T of its SVD, which
+equalises the update's singular values. The SVD is approximated by a quintic Newton-Schulz
+iteration; the coefficients (3.4445, -4.7750, 2.0315) are Keller Jordan's published choice,
+which drives singular values into roughly [0.7, 1.2] in five steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate U V^T for `update` = U S V^T (any 2-D shape), in float32."""
+    a, b, c = NS_COEFFICIENTS
+    x = update.float()
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:  # iterate on the wide side: X X^T is the smaller Gram matrix
+        x = x.T
+    x = x / (x.norm() + eps)  # spectral norm <= Frobenius norm <= 1, so the iteration converges
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters. Use AdamW for the rest (see `split_parameters`)."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95,
+                 weight_decay: float = 0.0, ns_steps: int = 5, nesterov: bool = True):
+        if lr <= 0:
+            raise ValueError(f"Muon lr must be positive, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"Muon momentum must be in [0, 1), got {momentum}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        ns_steps=ns_steps, nesterov=nesterov)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes only matrices; got a parameter of shape "
+                                     f"{tuple(p.shape)} (give it to AdamW)")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, dtype=torch.float32)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(p.grad.float())
+                update = p.grad.float().add(buf, alpha=group["momentum"]) \
+                    if group["nesterov"] else buf
+                direction = orthogonalize(update, group["ns_steps"])
+                # Keep the per-element step size independent of the aspect ratio.
+                scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(direction.to(p.dtype), alpha=-group["lr"] * scale)
+        return loss
+
+
+def split_parameters(model: torch.nn.Module) -> tuple[list, list]:
+    """(matrix parameters for Muon, other parameters for AdamW).
+
+    Embeddings and the output head are matrices but are conventionally left to AdamW: their
+    rows are looked up one token at a time, not mixed, so orthogonalising them is meaningless.
+    """
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_table = name.startswith(("embed.", "head.")) or name.endswith(("embed.weight",
+                                                                            "head.weight"))
+        if p.ndim == 2 and not is_table and "hc_" not in name:
+            muon.append(p)
+        else:
+            adamw.append(p)
+    return muon, adamw
