@@ -39,6 +39,7 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)  # tokens before this are already emitted
         self.output_text = ""
         self._checked_len = 0  # output_text[:this] has been searched for stop strings
+        self._stop_floor = 0  # stop strings must start here or later (after min_tokens text)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -74,7 +75,7 @@ class IncrementalDetokenizer:
         strings split across tokens.
         """
         longest = max((len(s) for s in stop), default=0)
-        start = max(0, self._checked_len - longest + 1)
+        start = max(self._stop_floor, self._checked_len - longest + 1)
         best: tuple[int, str] | None = None
         for s in stop:
             i = self.output_text.find(s, start)
@@ -86,6 +87,10 @@ class IncrementalDetokenizer:
         i, s = best
         self.output_text = self.output_text[: i + len(s) if include_stop_str else i]
         return s
+
+    def skip_stop_check(self) -> None:
+        """Text produced before min_tokens is reached may not end the request."""
+        self._checked_len = self._stop_floor = len(self.output_text)
 
     def safe_text_len(self, stop: list[str], finished: bool) -> int:
         """How much of output_text may be streamed now: a possible stop-string prefix at the

@@ -124,6 +124,8 @@ class Request:
                 if hit is not None:
                     self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, hit
                     return True
+        elif params.stop and self.detokenizer is not None:
+            self.detokenizer.skip_stop_check()
         if (params.max_tokens is not None and self.num_output_tokens >= params.max_tokens) or (
             self.num_tokens >= max_model_len
         ):
