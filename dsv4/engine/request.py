@@ -178,15 +178,3 @@ class RequestOutput:
     @property
     def stop_reason(self) -> int | str | None:
         return self.outputs[0].stop_reason
-
-
-def completion_of(request: Request, index: int = 0) -> CompletionOutput:
-    want_logprobs = request.sampling_params.logprobs is not None
-    return CompletionOutput(
-        index=index,
-        token_ids=list(request.output_token_ids),
-        text=request.text,
-        logprobs=list(request.output_logprobs) if want_logprobs else None,
-        finish_reason=request.finish_reason,
-        stop_reason=request.stop_reason,
-    )

@@ -76,6 +76,7 @@ class Scheduler:
         self.max_seq_len = min(max_model_len, self.cache_capacity_tokens)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # sorted by arrival: running[-1] is the newest
+        self.num_preemptions = 0  # total so far, for metrics and tests
 
     # -- requests in and out ---------------------------------------------------------------
 
@@ -197,6 +198,7 @@ class Scheduler:
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(victim)
         out.preempted.append(victim)
         entry = by_id.pop(victim.request_id, None)

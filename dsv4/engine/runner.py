@@ -1,0 +1,45 @@
+"""The seam between the engine and the model: what a model runner must do.
+
+The engine (scheduler, sampler, detokenizer) never looks inside the model. Each step it hands
+the runner a `RaggedBatch` and gets back one row of logits per request that samples.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from dsv4.engine.batch import RaggedBatch
+from dsv4.engine.kv_cache import KVCacheLayout
+
+
+class ModelRunner(abc.ABC):
+    """Runs one forward step of the model over a ragged batch, with the paged hybrid cache.
+
+    Contract for implementations (the paged V4 runner follows it; so may a test runner):
+
+    * The runner owns the cache tensors, `layout.allocate(device)` on its platform's device,
+      and is the only one that reads or writes them.
+    * `execute_model(batch)` computes the model on `batch.input_ids` at `batch.positions`,
+      request i owning tokens `query_start_loc[i]:query_start_loc[i+1]` and having
+      `start_pos[i]` earlier tokens already in the cache. For each layer it must
+        - attend, for token t, to the window positions max(0, t-window+1)..t: those before
+          start_pos from the window ring of `state_slots[i]`, the rest from this step's fresh KV
+          (so a chunk longer than the window never reads a ring row it has overwritten);
+        - attend to compressed entries w < (t + 1) // m of its layer, found via `block_tables`
+          (CSA: top-k of them by the indexer; HCA: all);
+        - write the new window KV at `window_slot_mapping`, new compressed entries and indexer
+          keys at `compressed_slot_mapping[m]`, and the open window's compressor rows into
+          the state slot (starting empty when `start_pos[i] == 0`, e.g. after a preemption).
+    * It returns fp32 logits `[len(batch.logits_indices), vocab_size]`, in that order.
+    * No Python loop over requests inside layers: per-request structure comes in as tensors.
+    """
+
+    vocab_size: int
+    eos_token_id: int | None
+    layout: KVCacheLayout
+
+    @abc.abstractmethod
+    def execute_model(self, batch: RaggedBatch) -> torch.Tensor:
+        """Forward one ragged step; return logits [S, vocab] of the sampled positions."""
