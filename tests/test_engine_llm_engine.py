@@ -238,3 +238,50 @@ def test_abort_and_async_stream(hf_model):
     seen = asyncio.run(main())
     assert [len(s) for s in seen] == [1, 2, 3, 4]
     assert eng.block_manager.num_free_blocks == 64 and eng.num_unfinished_requests == 0
+
+
+def test_llm_facade_with_a_runner_and_config_validation(hf_model):
+    from dsv4.engine.config import EngineConfig
+    from dsv4.engine.llm import LLM
+
+    layout = KVCacheLayout(SPEC, block_size=128, num_blocks=8, num_state_slots=4)
+    llm = LLM(
+        runner=RecomputeRunner(hf_model, layout),
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        tokenizer=CharTokenizer(),
+    )
+    prompt = _prompts(1, seed=11)[0]
+    (bare,) = llm.generate(prompt, GREEDY)
+    assert bare.token_ids == _hf_greedy(hf_model, prompt, 6)
+    (text_out,) = llm.generate(["hello"], GREEDY)
+    assert text_out.text == CharTokenizer().decode(text_out.token_ids)
+    with pytest.raises(ValueError, match=r"EngineConfig.block_size=100"):
+        EngineConfig(block_size=100)
+    with pytest.raises(ValueError, match=r"EngineConfig.max_num_seqs=0"):
+        EngineConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='fp4'"):
+        EngineConfig(kv_cache_dtype="fp4")
+
+
+def test_cache_layout_for_the_released_flash_config():
+    import json
+    from pathlib import Path
+
+    from dsv4.engine.config import EngineConfig
+    from dsv4.engine.llm import cache_layout_for
+
+    cfg = json.loads(
+        (Path(__file__).parent / "data/configs/deepseek-v4-flash.config.json").read_text()
+    )
+    cfg_engine = EngineConfig(
+        kv_cache_dtype="fp8",
+        kv_cache_memory_bytes=8 << 30,
+        max_num_seqs=64,
+        reference_seq_len=32768,
+    )
+    layout = cache_layout_for(cfg, cfg_engine)
+    assert layout.spec.entry_bytes == 584 and layout.total_bytes <= 8 << 30
+    # balanced: the slots and blocks serve the same number of 32k-token requests
+    per_seq_blocks = layout.blocks_needed(32768)
+    assert layout.num_blocks // per_seq_blocks == layout.num_state_slots
