@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -61,6 +62,8 @@ class LLMEngine:
         self._parent: dict[str, str] = {}  # sequence id -> request id
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
+        # add_request / abort may come from a server's event loop while another thread steps.
+        self._lock = threading.RLock()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -75,6 +78,15 @@ class LLMEngine:
         Raises ValueError at once if it can never fit (prompt + max_tokens over max_model_len
         or the cache), or if the id is already in use.
         """
+        with self._lock:
+            return self._add_request(prompt, params, request_id)
+
+    def _add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None,
+        request_id: str | None,
+    ) -> str:
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -108,13 +120,14 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its cache; False if it is unknown or already finished."""
-        seqs = self._groups.get(request_id)
-        if seqs is None:
-            return False
-        for req in seqs:
-            self.scheduler.abort(req.request_id)
-        self._report(request_id)
-        return True
+        with self._lock:
+            seqs = self._groups.get(request_id)
+            if seqs is None:
+                return False
+            for req in seqs:
+                self.scheduler.abort(req.request_id)
+            self._report(request_id)
+            return True
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -127,6 +140,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling + forward + sampling step; return outputs of updated requests."""
+        with self._lock:
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
@@ -214,10 +231,11 @@ class LLMEngine:
 
         Call from the event loop that will consume it; `step()` may run in another thread.
         """
-        if request_id not in self._groups:
-            raise ValueError(f"unknown or finished request id {request_id!r}")
-        stream = _Stream(asyncio.get_running_loop())
-        self._streams[request_id] = stream
+        with self._lock:
+            if request_id not in self._groups:
+                raise ValueError(f"unknown or finished request id {request_id!r}")
+            stream = _Stream(asyncio.get_running_loop())
+            self._streams[request_id] = stream
 
         async def iterate() -> AsyncIterator[RequestOutput]:
             while True:

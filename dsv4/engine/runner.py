@@ -34,6 +34,25 @@ class ModelRunner(abc.ABC):
           the state slot (starting empty when `start_pos[i] == 0`, e.g. after a preemption).
     * It returns fp32 logits `[len(batch.logits_indices), vocab_size]`, in that order.
     * No Python loop over requests inside layers: per-request structure comes in as tensors.
+
+    Wiring recipe for the V4 runner (per layer l with ratio m; pools from
+    `layout.allocate(device)`, names as in `KVCacheLayout.pool_shapes`; ops in paged_ops.py):
+
+    1. kv = model's kv path on all T tokens            -> [T, 512]
+       win, win_ok = ring_context(pools[f"{l}.window_kv"], kv, batch)   # [T, W, 512], [T, W]
+       write_ring(pools[f"{l}.window_kv"], kv, batch)
+    2. if m: kv_c, score = compressor inputs            -> [T, (1 + overlap) * 512] each
+       close = batch.compressed_slot_mapping[m] >= 0; idx = close.nonzero()[:, 0]
+       rows, ok = ring_context(pools[f"{l}.compressor_kv"], kv_c, batch, idx)    # [E, 2m or m, .]
+       (same for score; invalid rows get weight 0), entries = model's pooling -> [E, 512]
+       write_ring(...compressor_kv / compressor_score...)
+       write_compressed(pools[f"{l}.compressed_kv"], batch.compressed_slot_mapping[m], entries)
+       comp, comp_ok = gather_compressed(pools[f"{l}.compressed_kv"], batch, m, block_size)
+       visible = compressed_visibility(batch, m, comp.shape[1]) & comp_ok[batch.seq_index]
+    3. if m == 4: the same with index_compressor_* and index_keys, then the model's indexer
+       scores queries against index keys (masked by `visible`) and keeps the top-k entries.
+    4. attention of each token over [win (masked by win_ok), its request's selected entries]
+       with the sink; comp is per request: index it with `batch.seq_index`.
     """
 
     vocab_size: int
