@@ -238,6 +238,12 @@ def test_abort_and_async_stream(hf_model):
     seen = asyncio.run(main())
     assert [len(s) for s in seen] == [1, 2, 3, 4]
     assert eng.block_manager.num_free_blocks == 64 and eng.num_unfinished_requests == 0
+    stats = eng.stats()
+    assert stats["num_requests_running"] == 0 and stats["kv_cache_usage"] == 0.0
+    # the synchronous iterator yields the same growing outputs
+    rid = eng.add_request(_prompts(1, seed=9)[0], params)
+    outs = list(eng.iter_outputs(rid))
+    assert [o.token_ids for o in outs] == seen and outs[-1].finish_reason == "length"
 
 
 def test_llm_facade_with_a_runner_and_config_validation(hf_model):

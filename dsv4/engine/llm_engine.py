@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from dsv4.engine.batch import build_batch
@@ -136,6 +136,18 @@ class LLMEngine:
     def num_unfinished_requests(self) -> int:
         return len(self._groups)
 
+    def stats(self) -> dict[str, float]:
+        """Gauges for a /metrics endpoint."""
+        bm = self.block_manager
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": bm.usage,
+            "kv_cache_free_blocks": bm.num_free_blocks,
+            "kv_cache_free_state_slots": bm.num_free_slots,
+            "num_preemptions_total": self.scheduler.num_preemptions,
+        }
+
     # -- one step --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -225,6 +237,18 @@ class LLMEngine:
                 if out.finished and out.request_id in wanted:
                     results[out.request_id] = out
         return [results[rid] for rid in ids]
+
+    def iter_outputs(self, request_id: str) -> Iterator[RequestOutput]:
+        """Step the engine until `request_id` finishes, yielding its outputs as they grow
+        (for a terminal or any single-threaded caller; other requests advance too)."""
+        if request_id not in self._groups:
+            raise ValueError(f"unknown or finished request id {request_id!r}")
+        while True:
+            for out in self.step():
+                if out.request_id == request_id:
+                    yield out
+                    if out.finished:
+                        return
 
     def open_stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
         """Async iterator of a request's outputs (cumulative), ending with the finished one.
