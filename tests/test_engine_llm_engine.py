@@ -1,11 +1,8 @@
-"""LLMEngine end to end: scheduling + sampling + detokenisation around a real V4 network.
+"""LLMEngine end to end: sampling, stop strings, streaming, abort and the LLM facade.
 
-The network is `transformers`' DeepSeek-V4 (the project's oracle) on a tiny random config.
-`RecomputeRunner` is a test double for the paged runner (whose model code lives on another
-branch): it satisfies the ModelRunner contract by recomputing each sampling request's whole
-sequence without a cache. It checks everything the engine itself does (batching, chunking,
-preemption, sampling, stop handling, streaming); the paged runner's own cache correctness is
-tested where it is written.
+The engine runs `transformers`' DeepSeek-V4 network on a tiny random config through the paged
+cache (tests/engine_v4_oracle.py); the greedy / chunking / preemption equalities with
+`transformers` are in test_engine_paged_runner.py.
 """
 
 from __future__ import annotations
@@ -15,69 +12,26 @@ import asyncio
 import pytest
 import torch
 
-from dsv4.engine.batch import RaggedBatch
-from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout
-from dsv4.engine.llm_engine import LLMEngine
-from dsv4.engine.runner import ModelRunner
-from dsv4.engine.sampling_params import SamplingParams
+pytest.importorskip("transformers")
 
-transformers = pytest.importorskip("transformers")
+from engine_v4_oracle import (  # noqa: E402
+    SPEC,
+    HFPagedRunner,
+    hf_greedy,
+    make_engine,
+    make_model,
+    random_prompts,
+)
 
-VOCAB = 256
+from dsv4.engine.kv_cache import KVCacheLayout  # noqa: E402
+from dsv4.engine.sampling_params import SamplingParams  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def hf_model():
-    cfg = transformers.DeepseekV4Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        moe_intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        head_dim=64,
-        q_lora_rank=32,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        o_groups=2,
-        o_lora_rank=32,
-        index_n_heads=2,
-        index_head_dim=32,
-        index_topk=4,
-        sliding_window=8,
-        compress_ratios=[0, 4, 128, 4],
-        num_hash_layers=1,
-        qk_rope_head_dim=16,
-        max_position_embeddings=4096,
-        eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    model = transformers.DeepseekV4ForCausalLM(cfg).eval()
-    return model
-
-
-class RecomputeRunner(ModelRunner):
-    """Test double for the paged runner: full recompute per sampling request (see module doc)."""
-
-    def __init__(self, model, layout: KVCacheLayout) -> None:
-        self.model = model
-        self.layout = layout
-        self.vocab_size = VOCAB
-        self.eos_token_id = 1
-        self.batches: list[RaggedBatch] = []
-
-    @torch.no_grad()
-    def execute_model(self, batch: RaggedBatch) -> torch.Tensor:
-        self.batches.append(batch)
-        # the batch must carry exactly the tokens the requests have at those positions
-        for i, s in enumerate(batch.scheduled):
-            lo, hi = batch.query_start_loc[i], batch.query_start_loc[i + 1]
-            assert batch.input_ids[lo:hi].tolist() == s.token_ids
-        rows = []
-        for i, s in enumerate(batch.scheduled):
-            if s.samples:
-                ids = s.request.all_token_ids[: int(batch.seq_lens[i])]
-                rows.append(self.model(torch.tensor([ids])).logits[0, -1].float())
-        return torch.stack(rows) if rows else torch.empty(0, VOCAB)
+    return make_model()
 
 
 class CharTokenizer:
@@ -91,74 +45,12 @@ class CharTokenizer:
         return "".join(chr(32 + i % 95) for i in ids)
 
 
-SPEC = CacheSpec(
-    num_hidden_layers=4,
-    compress_ratios=(0, 4, 128, 4),
-    sliding_window=8,
-    head_dim=64,
-    qk_rope_head_dim=16,
-    index_head_dim=32,
-)
+def _engine(model, budget=256, tokenizer=None):
+    return make_engine(model, budget=budget, tokenizer=tokenizer)
 
 
-def _engine(model, num_blocks=64, slots=64, budget=256, max_num_seqs=64, tokenizer=None):
-    layout = KVCacheLayout(SPEC, block_size=128, num_blocks=num_blocks, num_state_slots=slots)
-    return LLMEngine(
-        RecomputeRunner(model, layout),
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=budget,
-        max_model_len=2048,
-        tokenizer=tokenizer,
-    )
-
-
-def _prompts(n: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(1, 60, (n,), generator=g).tolist()
-    return [torch.randint(2, VOCAB, (L,), generator=g).tolist() for L in lens]
-
-
-def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    return out[0, len(prompt) :].tolist()
-
-
-GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-
-
-def test_batched_greedy_equals_alone_and_transformers_generate(hf_model):
-    prompts = _prompts(32)
-    together = _engine(hf_model, budget=96).generate(prompts, GREEDY)
-    for p, out in zip(prompts[:6], together[:6]):
-        alone = _engine(hf_model).generate([p], GREEDY)[0]
-        assert out.token_ids == alone.token_ids
-    for p, out in zip(prompts, together):
-        assert out.token_ids == _hf_greedy(hf_model, p, 6)
-        assert out.finish_reason == "length"
-
-
-@pytest.mark.parametrize("budget", [1, 3, 5, 64, 127])
-def test_chunked_prefill_any_chunk_size_same_outputs(hf_model, budget):
-    prompts = _prompts(4, seed=1)
-    ref = _engine(hf_model, budget=4096).generate(prompts, GREEDY)
-    eng = _engine(hf_model, budget=budget)
-    outs = eng.generate(prompts, GREEDY)
-    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
-    assert all(b.num_tokens <= budget for b in eng.runner.batches)
-
-
-def test_preemption_under_a_small_cache_gives_the_same_greedy_outputs(hf_model):
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(2, VOCAB, (100,), generator=g).tolist() for _ in range(4)]
-    ample = _engine(hf_model).generate(prompts, params)
-    small = _engine(hf_model, num_blocks=5)  # 4 x 140 tokens need 8 blocks at the end
-    outs = small.generate(prompts, params)
-    assert small.scheduler.num_preemptions > 0
-    assert [o.token_ids for o in outs] == [o.token_ids for o in ample]
-    assert small.block_manager.num_free_blocks == 5
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    return random_prompts(n, seed)
 
 
 def test_seeded_sampling_reproducible_across_batch_compositions(hf_model):
@@ -252,14 +144,14 @@ def test_llm_facade_with_a_runner_and_config_validation(hf_model):
 
     layout = KVCacheLayout(SPEC, block_size=128, num_blocks=8, num_state_slots=4)
     llm = LLM(
-        runner=RecomputeRunner(hf_model, layout),
+        runner=HFPagedRunner(hf_model, layout),
         max_num_seqs=4,
         max_num_batched_tokens=32,
         tokenizer=CharTokenizer(),
     )
     prompt = _prompts(1, seed=11)[0]
     (bare,) = llm.generate(prompt, GREEDY)
-    assert bare.token_ids == _hf_greedy(hf_model, prompt, 6)
+    assert bare.token_ids == hf_greedy(hf_model, prompt, 6)
     (text_out,) = llm.generate(["hello"], GREEDY)
     assert text_out.text == CharTokenizer().decode(text_out.token_ids)
     with pytest.raises(ValueError, match=r"EngineConfig.block_size=100"):
