@@ -15,7 +15,7 @@ import transformers
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb
 
 from dsv4.engine.batch import RaggedBatch
-from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout
+from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout, fp8_pack_entries, fp8_unpack_entries
 from dsv4.engine.paged_ops import (
     compressed_visibility,
     gather_compressed,
@@ -29,26 +29,28 @@ VOCAB, WINDOW, HEAD_DIM = 256, 8, 64
 RATIOS = (0, 4, 128, 4)
 
 
-def make_model():
+def make_model(head_dim: int = HEAD_DIM, rope_head_dim: int = 16, index_head_dim: int = 32):
+    """Tiny random V4; head_dim=512, rope_head_dim=64 gives the released KV entry format
+    (index_head_dim must then be >= 64, the RoPE width the indexer shares)."""
     cfg = transformers.DeepseekV4Config(
         vocab_size=VOCAB,
         hidden_size=64,
         moe_intermediate_size=32,
         num_hidden_layers=4,
         num_attention_heads=4,
-        head_dim=HEAD_DIM,
+        head_dim=head_dim,
         q_lora_rank=32,
         n_routed_experts=4,
         num_experts_per_tok=2,
         o_groups=2,
         o_lora_rank=32,
         index_n_heads=8,
-        index_head_dim=32,
+        index_head_dim=index_head_dim,
         index_topk=4,
         sliding_window=WINDOW,
         compress_ratios=list(RATIOS),
         num_hash_layers=1,
-        qk_rope_head_dim=16,
+        qk_rope_head_dim=rope_head_dim,
         max_position_embeddings=4096,
         eos_token_id=1,
     )
@@ -70,20 +72,34 @@ SPEC = CacheSpec(
     qk_rope_head_dim=16,
     index_head_dim=32,
 )
+# the released entry geometry, for real fp8 storage (584-byte entries)
+SPEC_FP8 = CacheSpec(
+    num_hidden_layers=4,
+    compress_ratios=RATIOS,
+    sliding_window=WINDOW,
+    head_dim=512,
+    qk_rope_head_dim=64,
+    index_head_dim=128,
+    kv_cache_dtype="fp8",
+)
 
 
 class HFPagedRunner(ModelRunner):
     """V4 forward over a ragged batch with the paged cache (see the module docstring)."""
 
-    def __init__(self, model, layout: KVCacheLayout) -> None:
+    def __init__(self, model, layout: KVCacheLayout, quantize_kv: bool | None = None) -> None:
         self.model = model
         self.layout = layout
         self.vocab_size = VOCAB
         self.eos_token_id = 1
-        # fp32 pools so that the comparison with the fp32 oracle is exact up to rounding
+        self.fp8 = layout.spec.kv_cache_dtype == "fp8"
+        # use KV entries as the fp8 format holds them (the reference's QAT forward does this
+        # with any cache); quantize_kv=True with a bf16 layout simulates it in fp32 pools
+        self.quantize_kv = self.fp8 if quantize_kv is None else quantize_kv
+        # fp32 pools (the oracle runs in fp32) except the packed uint8 fp8 KV pools
         self.pools = {
-            name: torch.zeros(shape, dtype=torch.float32)
-            for name, (shape, _) in layout.pool_shapes().items()
+            name: torch.zeros(shape, dtype=torch.uint8 if dtype == torch.uint8 else torch.float32)
+            for name, (shape, dtype) in layout.pool_shapes().items()
         }
 
     @torch.no_grad()
@@ -101,6 +117,12 @@ class HFPagedRunner(ModelRunner):
             h = post.unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), h)
         h = m.norm(m.hc_head(h))[0, batch.logits_indices]  # [S, D]
         return self.model.lm_head(h).float()
+
+    def _kv_format(self, kv: torch.Tensor) -> torch.Tensor:
+        """KV entries as the fp8 format holds them, so fresh and cached entries agree."""
+        if not self.quantize_kv:
+            return kv
+        return fp8_unpack_entries(fp8_pack_entries(kv)).to(kv.dtype)
 
     def _rope(self, x: torch.Tensor, batch: RaggedBatch, kind: str):
         return self.model.model.rotary_emb(x, position_ids=batch.positions[None], layer_type=kind)
@@ -124,7 +146,11 @@ class HFPagedRunner(ModelRunner):
         first = (pos[idx] - ratio + 1)[None]  # RoPE at each window's first position
         cos, sin = self.model.model.rotary_emb(pooled, position_ids=first, layer_type="compress")
         pooled = apply_rotary_pos_emb(pooled[None, None], cos, sin)[0, 0]
-        write_compressed(self.pools[pool], batch.compressed_slot_mapping[ratio], pooled)
+        is_kv = pool.endswith("compressed_kv")  # indexer keys stay unquantised
+        if is_kv:
+            pooled = self._kv_format(pooled)
+        fp8 = self.fp8 and is_kv
+        write_compressed(self.pools[pool], batch.compressed_slot_mapping[ratio], pooled, fp8=fp8)
 
     def _attention(self, i: int, attn, x: torch.Tensor, batch: RaggedBatch) -> torch.Tensor:
         T, ratio = batch.num_tokens, RATIOS[i]
@@ -134,14 +160,17 @@ class HFPagedRunner(ModelRunner):
         q = attn.q_b_norm(attn.q_b_proj(q_res).view(1, T, num_heads, hd).transpose(1, 2))
         q = apply_rotary_pos_emb(q, cos, sin)[0].transpose(0, 1)  # [T, H, hd]
         kv = attn.kv_norm(attn.kv_proj(x)).view(1, T, 1, hd).transpose(1, 2)
-        kv = apply_rotary_pos_emb(kv, cos, sin)[0, 0]  # [T, hd]
-        keys, ok = ring_context(self.pools[f"{i}.window_kv"], kv, batch)  # [T, W, hd]
-        write_ring(self.pools[f"{i}.window_kv"], kv, batch)
+        kv = self._kv_format(apply_rotary_pos_emb(kv, cos, sin)[0, 0])  # [T, hd]
+        keys, ok = ring_context(self.pools[f"{i}.window_kv"], kv, batch, fp8=self.fp8)
+        write_ring(self.pools[f"{i}.window_kv"], kv, batch, fp8=self.fp8)
         if ratio:
             comp = attn.compressor
             self._compress(comp, x, batch, ratio, f"{i}.compressor", f"{i}.compressed_kv", hd)
             bs = self.layout.block_size
-            entries, _ = gather_compressed(self.pools[f"{i}.compressed_kv"], batch, ratio, bs)
+            entries, _ = gather_compressed(
+                self.pools[f"{i}.compressed_kv"], batch, ratio, bs, fp8=self.fp8
+            )
+            entries = entries.float()
             visible = compressed_visibility(batch, ratio, entries.shape[1])  # [T, E]
             if ratio == 4:  # the indexer's compressor state must advance on every token
                 idx = comp.indexer
@@ -175,12 +204,12 @@ class HFPagedRunner(ModelRunner):
         return attn.o_b_proj(attn.o_a_proj(grouped).flatten(2))  # [1, T, D]
 
 
-def make_engine(model, budget=512, num_blocks=64, max_num_seqs=64, tokenizer=None):
+def make_engine(model, budget=512, num_blocks=64, max_num_seqs=64, tokenizer=None, spec=SPEC):
     """An LLMEngine over HFPagedRunner with 128-token blocks and one slot per sequence."""
     from dsv4.engine.llm_engine import LLMEngine
 
     layout = KVCacheLayout(
-        SPEC, block_size=128, num_blocks=num_blocks, num_state_slots=max_num_seqs
+        spec, block_size=128, num_blocks=num_blocks, num_state_slots=max_num_seqs
     )
     return LLMEngine(
         HFPagedRunner(model, layout),
