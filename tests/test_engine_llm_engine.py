@@ -102,6 +102,10 @@ def test_over_long_prompt_rejected_at_once_naming_both_lengths(hf_model):
     eng = _engine(hf_model)
     with pytest.raises(ValueError, match=r"prompt has 2040 tokens and max_tokens=16.*2048"):
         eng.add_request([5] * 2040, SamplingParams(max_tokens=16))
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 256\)"):
+        eng.add_request([5, 300])
+    with pytest.raises(ValueError, match=r"SamplingParams.stop needs text"):
+        eng.add_request([5], SamplingParams(stop=["x"]))
     assert not eng.has_unfinished_requests()
 
 

@@ -88,6 +88,11 @@ class LLMEngine:
         request_id: str | None,
     ) -> str:
         params = params or SamplingParams()
+        if params.stop and self.tokenizer is None:
+            raise ValueError(
+                "SamplingParams.stop needs text, but this engine has no tokenizer; use "
+                "stop_token_ids or create the engine with a tokenizer."
+            )
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
