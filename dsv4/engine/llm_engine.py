@@ -96,7 +96,9 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
-            prompt_ids = list(self.tokenizer.encode(prompt))
+            encoded = self.tokenizer.encode(prompt)
+            # `tokenizers.Tokenizer.encode` returns an Encoding, transformers' a list of ids
+            prompt_ids = list(getattr(encoded, "ids", encoded))
         else:
             prompt_ids = [int(t) for t in prompt]
         vocab = self.runner.vocab_size
