@@ -157,3 +157,39 @@ def test_logprobs_are_raw_log_softmax():
     top_vals, top_ids = ref.topk(5, dim=-1)
     assert torch.equal(out.top_token_ids, top_ids)
     assert torch.allclose(out.top_logprobs, top_vals)
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1] + [0.0] * (VOCAB - 4))
+    logits = torch.log(probs.clamp(min=1e-30)).repeat(4000, 1)
+    out = sample(logits, _batch([SamplingParams(seed=i) for i in range(4000)])).token_ids
+    freq = torch.bincount(out, minlength=VOCAB).float() / 4000
+    assert torch.allclose(freq[:4], probs[:4], atol=0.03) and freq[4:].sum() < 0.001
+    # temperature 2 flattens: p ~ sqrt(probs)
+    hot = sample(logits, _batch([SamplingParams(seed=i, temperature=2.0) for i in range(4000)]))
+    freq = torch.bincount(hot.token_ids, minlength=VOCAB).float()[:4] / 4000
+    assert torch.allclose(freq, probs[:4].sqrt() / probs[:4].sqrt().sum(), atol=0.03)
+
+
+@pytest.mark.parametrize("num_candidates", [3, 16, VOCAB])
+def test_candidate_shortcut_is_exact(monkeypatch, num_candidates):
+    """Top-k/top-p/min-p through the top-K candidates or through a full sort: same tokens."""
+    import dsv4.engine.sampler as sampler_mod
+
+    g = torch.Generator().manual_seed(5)
+    rows = 60
+    # peaked and flat rows, so both paths are taken for small K
+    logits = torch.randn(rows, VOCAB, generator=g) * torch.linspace(0.1, 6.0, rows)[:, None]
+    params = [
+        SamplingParams(
+            seed=i,
+            temperature=0.7 + (i % 3) * 0.3,
+            top_k=[0, 1, 5, 20, 45][i % 5],
+            top_p=[1.0, 0.5, 0.9, 0.99][i % 4],
+            min_p=[0.0, 0.0, 0.05, 0.2][(i // 4) % 4],
+        )
+        for i in range(rows)
+    ]
+    ref = sample(logits, _batch(params)).token_ids  # default CANDIDATES (>= VOCAB here)
+    monkeypatch.setattr(sampler_mod, "CANDIDATES", num_candidates)
+    assert torch.equal(sample(logits, _batch(params)).token_ids, ref)
