@@ -63,7 +63,7 @@ def _run(prompt_lens, budget, fp8=False, num_blocks=16, max_tokens=3):
     steps = 0
     while sched.has_unfinished():
         out = sched.schedule()
-        batch = build_batch(out, layout)
+        batch = build_batch(out, layout).to("cpu")
         rid = torch.tensor([index[s.request.request_id] for s in out.scheduled])
         tok_req = rid[batch.seq_index]  # [T]
         fresh = kv[tok_req, batch.positions]  # [T, DIM]

@@ -240,6 +240,8 @@ class LLMEngine:
         results: dict[str, RequestOutput] = {}
         wanted = set(ids)
         while wanted - results.keys():
+            if not self.has_unfinished_requests():  # cannot happen unless a request was lost
+                raise RuntimeError(f"requests {sorted(wanted - results.keys())} vanished")
             for out in self.step():
                 if out.finished and out.request_id in wanted:
                     results[out.request_id] = out
