@@ -183,11 +183,11 @@ class KVCacheLayout:
 
     def pool_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of every tensor the runner allocates, one set per layer."""
-        s, spec = self.spec, self.spec
+        s = self.spec
         entry = (s.entry_bytes,) if s.kv_cache_dtype == "fp8" else (s.head_dim,)
         kv_dtype = torch.uint8 if s.kv_cache_dtype == "fp8" else torch.bfloat16
         shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        for layer, m in enumerate(spec.compress_ratios):
+        for layer, m in enumerate(s.compress_ratios):
             shapes[f"{layer}.window_kv"] = (
                 (self.num_state_slots, s.sliding_window, *entry),
                 kv_dtype,
