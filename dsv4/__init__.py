@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load_model", "ModelArgs", "__version__"]
+__all__ = ["load_model", "ModelArgs", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from dsv4.model.config import ModelArgs
 
         return ModelArgs
+    if name == "SamplingParams":
+        from dsv4.engine.sampling_params import SamplingParams
+
+        return SamplingParams
     raise AttributeError(f"module 'dsv4' has no attribute {name!r}")

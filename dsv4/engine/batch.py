@@ -1,0 +1,109 @@
+"""The ragged batch one engine step hands to a model runner.
+
+Tokens of all scheduled requests are concatenated (request after request, no padding), the
+layout of vLLM's varlen attention: request i owns tokens `query_start_loc[i]:query_start_loc[i+1]`.
+Prefill chunks and decodes are mixed freely; a decode is simply a chunk of one token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from dsv4.engine.kv_cache import KVCacheLayout, compressed_slot_mapping, window_slot_mapping
+from dsv4.engine.scheduler import ScheduledRequest, SchedulerOutput
+
+
+@dataclass
+class RaggedBatch:
+    """Everything a runner needs for one forward step over the scheduled requests.
+
+    Per token (T = total new tokens): input_ids, positions, seq_index, window_slot_mapping,
+    compressed_slot_mapping[ratio] (-1 where the token closes no compressed entry).
+    Per request (B = scheduled requests): query_start_loc [B+1], start_pos (tokens already in
+    the cache; 0 means the compressor state must start empty), seq_lens (context after this
+    step), state_slots, block_tables [B, max_blocks] (-1 padded).
+    logits_indices [S]: the token whose logits are sampled, one per request that samples, in
+    `scheduled` order.
+    """
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    seq_index: torch.Tensor  # [T] int64, which of the B requests the token belongs to
+    query_start_loc: torch.Tensor  # [B + 1] int64
+    start_pos: torch.Tensor  # [B] int64
+    seq_lens: torch.Tensor  # [B] int64
+    state_slots: torch.Tensor  # [B] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int64
+    window_slot_mapping: torch.Tensor  # [T] int64
+    compressed_slot_mapping: dict[int, torch.Tensor]  # ratio -> [T] int64
+    logits_indices: torch.Tensor  # [S] int64
+    scheduled: list[ScheduledRequest]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def sampling_requests(self) -> list[ScheduledRequest]:
+        return [s for s in self.scheduled if s.samples]
+
+    def to(self, device: torch.device | str) -> RaggedBatch:
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v.to(device, non_blocking=True)
+            elif f.name == "compressed_slot_mapping":
+                v = {m: t.to(device, non_blocking=True) for m, t in v.items()}
+            moved[f.name] = v
+        return RaggedBatch(**moved)
+
+
+def build_batch(out: SchedulerOutput, layout: KVCacheLayout) -> RaggedBatch:
+    """Flatten a SchedulerOutput into CPU tensors (the runner moves them to its device)."""
+    scheduled = out.scheduled
+    if not scheduled:
+        raise ValueError("build_batch needs at least one scheduled request")
+    ids: list[int] = []
+    lens = []
+    for s in scheduled:
+        chunk = s.token_ids
+        assert len(chunk) == s.num_new_tokens, "scheduled more tokens than the request has"
+        ids.extend(chunk)
+        lens.append(s.num_new_tokens)
+    num_new = torch.tensor(lens, dtype=torch.int64)  # [B]
+    start_pos = torch.tensor([s.start_pos for s in scheduled], dtype=torch.int64)  # [B]
+    query_start_loc = torch.zeros(len(scheduled) + 1, dtype=torch.int64)
+    query_start_loc[1:] = num_new.cumsum(0)
+    seq_index = torch.repeat_interleave(torch.arange(len(scheduled)), num_new)  # [T]
+    positions = start_pos[seq_index] + (
+        torch.arange(len(ids)) - query_start_loc[:-1][seq_index]
+    )  # [T]
+    state_slots = torch.tensor([s.request.state_slot for s in scheduled], dtype=torch.int64)
+    width = max(len(s.request.block_table) for s in scheduled)
+    block_tables = torch.full((len(scheduled), max(width, 1)), -1, dtype=torch.int64)
+    for i, s in enumerate(scheduled):
+        block_tables[i, : len(s.request.block_table)] = torch.tensor(s.request.block_table)
+    ratios = sorted({m for m in layout.spec.compress_ratios if m})
+    sample_rows = [i for i, s in enumerate(scheduled) if s.samples]
+    return RaggedBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64),
+        positions=positions,
+        seq_index=seq_index,
+        query_start_loc=query_start_loc,
+        start_pos=start_pos,
+        seq_lens=start_pos + num_new,
+        state_slots=state_slots,
+        block_tables=block_tables,
+        window_slot_mapping=window_slot_mapping(
+            state_slots[seq_index], positions, layout.spec.sliding_window
+        ),
+        compressed_slot_mapping={
+            m: compressed_slot_mapping(block_tables, seq_index, positions, m, layout.block_size)
+            for m in ratios
+        },
+        logits_indices=query_start_loc[1:][sample_rows] - 1,
+        scheduled=list(scheduled),
+    )

@@ -1,0 +1,329 @@
+"""The paged hybrid KV-cache layout of DeepSeek-V4.
+
+V4 keeps four kinds of per-request attention state, and they grow differently:
+
+| kind                    | layers         | size per request                               |
+|-------------------------|----------------|------------------------------------------------|
+| sliding window          | every layer    | fixed: `sliding_window` (128) KV entries        |
+| compressor state        | CSA, HCA       | fixed: the open (not yet closed) window's rows  |
+| compressed KV entries   | CSA (m=4), HCA (m=128) | grows: 1 entry per m tokens             |
+| indexer keys            | CSA            | grows: 1 key per 4 tokens                       |
+
+So the cache has two pools:
+
+* **State slots** (fixed cost per running request). Slot `s` owns, in every layer, the window
+  ring `window_kv[layer][s]` (`[window, entry]`, token at position p lives in row `p % window`)
+  and, in compressed layers, the compressor's partial-window rows `compressor_kv/score` (CSA:
+  2 x 4 rows of 2 x 512 channels because ratio-4 windows overlap; HCA: 128 rows of 512; the
+  CSA indexer's own compressor: 2 x 4 rows of 2 x 128), kept in fp32 as the compressor computes.
+* **Blocks** of `block_size` tokens of context (a multiple of 128). Block b holds, in every CSA
+  layer, `block_size / 4` compressed entries and as many indexer keys, and in every HCA layer
+  `block_size / 128` compressed entries. All growing kinds advance in step with the token count,
+  so one block table per request serves them all: compressed entry w of a ratio-m layer lives
+  in block `block_table[w * m // block_size]`, row `(w * m % block_size) // m`.
+
+A request of L tokens needs one state slot and `ceil(L / block_size)` blocks. The byte budget is
+split so that both pools run out together when every request has `reference_seq_len` tokens.
+
+Entries are 512 channels (K = V). `kv_cache_dtype="bf16"`: 1024 bytes. `"fp8"`: the reference's
+QAT format stored for real, 584 bytes = 448 e4m3 (non-RoPE dims, 7 blocks of 64 with ue8m0
+scales) + 64 bf16 RoPE dims (128 bytes) + 7 scale bytes + 1 pad byte.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+KV_CACHE_DTYPES = ("bf16", "fp8")
+FP8_BLOCK = 64  # channels per ue8m0 scale in the fp8 entry format
+FP8_E4M3_MAX = 448.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte sizes of one cache entry. The planner (`dsv4/plan/`) owns the bytes-per-token formulas of
+# the project; these two functions are the engine's only copy of the entry sizes and will be
+# replaced by an import from the planner as soon as its module is merged.
+def kv_entry_bytes(head_dim: int, rope_head_dim: int, kv_cache_dtype: str) -> int:
+    """Bytes of one 512-channel KV entry (window or compressed) in the cache."""
+    if kv_cache_dtype == "bf16":
+        return head_dim * 2
+    nope = head_dim - rope_head_dim
+    num_scales = nope // FP8_BLOCK
+    raw = nope + rope_head_dim * 2 + num_scales
+    return -(-raw // 8) * 8  # pad to 8 bytes: 448 + 128 + 7 -> 584
+
+
+def index_key_bytes(index_head_dim: int, kv_cache_dtype: str) -> int:
+    """Bytes of one indexer key. Kept bf16 in both modes (the fp8 format covers KV entries)."""
+    return index_head_dim * 2
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the cache needs to know of the model (field names as in the released config)."""
+
+    num_hidden_layers: int
+    compress_ratios: tuple[int, ...]  # one per layer: 0 window only, 4 CSA, 128 HCA
+    sliding_window: int = 128
+    head_dim: int = 512
+    qk_rope_head_dim: int = 64
+    index_head_dim: int = 128
+    kv_cache_dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; use one of "
+                f"{KV_CACHE_DTYPES}."
+            )
+        if len(self.compress_ratios) != self.num_hidden_layers:
+            raise ValueError(
+                f"compress_ratios has {len(self.compress_ratios)} entries for "
+                f"{self.num_hidden_layers} layers; pass one ratio per main layer."
+            )
+        bad = sorted({m for m in self.compress_ratios if m not in (0, 4, 128)})
+        if bad:
+            raise ValueError(f"compress_ratios contains {bad}; V4 layers use 0, 4 or 128.")
+
+    @classmethod
+    def from_config(cls, config: Any, kv_cache_dtype: str = "bf16") -> CacheSpec:
+        """From a ModelArgs, a transformers config or a config.json dict.
+
+        Released configs list one extra ratio for the MTP layer; only the main layers are
+        cached (the engine does not run MTP drafts).
+        """
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        num_layers = int(get("num_hidden_layers"))
+        ratios = tuple(int(m) for m in get("compress_ratios"))[:num_layers]
+        return cls(
+            num_hidden_layers=num_layers,
+            compress_ratios=ratios,
+            sliding_window=int(get("sliding_window", 128)),
+            head_dim=int(get("head_dim", 512)),
+            qk_rope_head_dim=int(get("qk_rope_head_dim", 64)),
+            index_head_dim=int(get("index_head_dim", 128)),
+            kv_cache_dtype=kv_cache_dtype,
+        )
+
+    @property
+    def csa_layers(self) -> list[int]:
+        return [i for i, m in enumerate(self.compress_ratios) if m == 4]
+
+    @property
+    def hca_layers(self) -> list[int]:
+        return [i for i, m in enumerate(self.compress_ratios) if m == 128]
+
+    @property
+    def entry_bytes(self) -> int:
+        return kv_entry_bytes(self.head_dim, self.qk_rope_head_dim, self.kv_cache_dtype)
+
+    @property
+    def index_key_bytes(self) -> int:
+        return index_key_bytes(self.index_head_dim, self.kv_cache_dtype)
+
+    def compressor_state_rows(self, ratio: int) -> tuple[int, int]:
+        """(rows, channels) of one compressor's open-window buffer; ratio 4 overlaps (x2)."""
+        overlap = 2 if ratio == 4 else 1
+        return overlap * ratio, overlap * self.head_dim
+
+    @property
+    def state_bytes_per_slot(self) -> int:
+        """Fixed bytes per running request: window rings + compressor states (fp32 kv+score)."""
+        window = self.num_hidden_layers * self.sliding_window * self.entry_bytes
+        compressor = 0
+        for m in self.compress_ratios:
+            if m:
+                rows, ch = self.compressor_state_rows(m)
+                compressor += 2 * rows * ch * 4
+            if m == 4:  # the indexer's own overlapping compressor at index_head_dim
+                compressor += 2 * (2 * m) * (2 * self.index_head_dim) * 4
+        return window + compressor
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Growing bytes per token of context (the planner's figure: 6880 for V4-Flash bf16)."""
+        csa = len(self.csa_layers) * (self.entry_bytes + self.index_key_bytes) / 4
+        hca = len(self.hca_layers) * self.entry_bytes / 128
+        return csa + hca
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """Pool sizes chosen for a byte budget: `num_state_slots` slots, `num_blocks` blocks."""
+
+    spec: CacheSpec
+    block_size: int  # tokens per block, a multiple of 128
+    num_blocks: int
+    num_state_slots: int
+
+    @property
+    def block_bytes(self) -> int:
+        return int(self.block_size * self.spec.bytes_per_token)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes + self.num_state_slots * (
+            self.spec.state_bytes_per_slot
+        )
+
+    @property
+    def max_tokens_per_seq(self) -> int:
+        """The longest sequence the block pool could hold if it had it to itself."""
+        return self.num_blocks * self.block_size
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def pool_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor the runner allocates, one set per layer."""
+        s = self.spec
+        entry = (s.entry_bytes,) if s.kv_cache_dtype == "fp8" else (s.head_dim,)
+        kv_dtype = torch.uint8 if s.kv_cache_dtype == "fp8" else torch.bfloat16
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for layer, m in enumerate(s.compress_ratios):
+            shapes[f"{layer}.window_kv"] = (
+                (self.num_state_slots, s.sliding_window, *entry),
+                kv_dtype,
+            )
+            if not m:
+                continue
+            shapes[f"{layer}.compressed_kv"] = (
+                (self.num_blocks, self.block_size // m, *entry),
+                kv_dtype,
+            )
+            rows, ch = s.compressor_state_rows(m)
+            shapes[f"{layer}.compressor_kv"] = ((self.num_state_slots, rows, ch), torch.float32)
+            shapes[f"{layer}.compressor_score"] = ((self.num_state_slots, rows, ch), torch.float32)
+            if m == 4:
+                shapes[f"{layer}.index_keys"] = (
+                    (self.num_blocks, self.block_size // m, s.index_head_dim),
+                    torch.bfloat16,
+                )
+                idx_shape = (self.num_state_slots, 2 * m, 2 * s.index_head_dim)
+                shapes[f"{layer}.index_compressor_kv"] = (idx_shape, torch.float32)
+                shapes[f"{layer}.index_compressor_score"] = (idx_shape, torch.float32)
+        return shapes
+
+    def allocate(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """Zero-filled pools on `device` (the runner passes the platform's device)."""
+        return {
+            name: torch.zeros(shape, dtype=dtype, device=device)
+            for name, (shape, dtype) in self.pool_shapes().items()
+        }
+
+    def pool_bytes(self) -> int:
+        """Bytes the allocated pools occupy (equals total_bytes up to rounding of block_bytes)."""
+        return sum(
+            math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            for shape, dtype in self.pool_shapes().values()
+        )
+
+
+def plan_layout(
+    spec: CacheSpec,
+    kv_cache_memory_bytes: int,
+    max_num_seqs: int,
+    reference_seq_len: int,
+    block_size: int = 128,
+) -> KVCacheLayout:
+    """Split a byte budget between state slots and blocks.
+
+    Slots = min(max_num_seqs, budget // cost of one reference-length request), at least one;
+    blocks take the rest, so with every request at `reference_seq_len` tokens both pools fill
+    together. Fewer, longer requests borrow blocks; more, shorter ones are capped by the slots.
+    """
+    if block_size <= 0 or block_size % 128:
+        raise ValueError(f"block_size={block_size} must be a positive multiple of 128.")
+    layout = KVCacheLayout(spec, block_size, 0, 0)
+    per_seq_bytes = spec.state_bytes_per_slot + layout.blocks_needed(reference_seq_len) * (
+        layout.block_bytes
+    )
+    min_bytes = spec.state_bytes_per_slot + layout.block_bytes
+    if kv_cache_memory_bytes < min_bytes:
+        raise ValueError(
+            f"kv_cache_memory_bytes={kv_cache_memory_bytes} is too small: one request needs at "
+            f"least {min_bytes} bytes (its window/compressor state plus one {block_size}-token "
+            f"block); raise kv_cache_memory_bytes."
+        )
+    slots = max(1, min(max_num_seqs, kv_cache_memory_bytes // per_seq_bytes))
+    blocks = (kv_cache_memory_bytes - slots * spec.state_bytes_per_slot) // layout.block_bytes
+    return KVCacheLayout(spec, block_size, int(blocks), int(slots))
+
+
+# --- slot mappings: where each new token's cache rows go (flat row indices, -1 = none) --------
+
+
+def window_slot_mapping(
+    state_slots: torch.Tensor, positions: torch.Tensor, window: int
+) -> torch.Tensor:
+    """Flat row in a `[num_slots * window, entry]` view of a window ring. Both args: [T]."""
+    return state_slots * window + positions % window
+
+
+def compressed_slot_mapping(
+    block_tables: torch.Tensor,
+    seq_index: torch.Tensor,
+    positions: torch.Tensor,
+    ratio: int,
+    block_size: int,
+) -> torch.Tensor:
+    """Flat row in a `[num_blocks * block_size // ratio, entry]` view of a compressed pool.
+
+    block_tables: [num_seqs, max_blocks] int64 (padded with -1); seq_index, positions: [T].
+    A token closes entry `pos // ratio` when `(pos + 1) % ratio == 0`; other tokens get -1.
+    """
+    entries_per_block = block_size // ratio
+    closes = (positions + 1) % ratio == 0
+    entry = positions // ratio
+    block = block_tables[seq_index, (entry * ratio) // block_size]
+    rows = block * entries_per_block + entry % entries_per_block
+    return torch.where(closes, rows, torch.full_like(rows, -1))
+
+
+# --- the fp8 entry format (real storage for kv_cache_dtype="fp8") -----------------------------
+
+
+def fp8_pack_entries(kv: torch.Tensor, rope_head_dim: int = 64) -> torch.Tensor:
+    """[..., 512] float -> [..., 584] uint8: e4m3 non-RoPE dims, bf16 RoPE dims, ue8m0 scales.
+
+    Each block of 64 non-RoPE channels gets the power-of-two scale 2^ceil(log2(amax / 448)),
+    stored as its biased exponent byte (ue8m0), as the reference does in its QAT forward pass.
+    """
+    head_dim = kv.shape[-1]
+    nope_dim = head_dim - rope_head_dim
+    lead = kv.shape[:-1]
+    nope = kv[..., :nope_dim].float().reshape(*lead, nope_dim // FP8_BLOCK, FP8_BLOCK)
+    amax = nope.abs().amax(dim=-1).clamp(min=1e-4)  # [..., 7]
+    exponent = torch.ceil(torch.log2(amax / FP8_E4M3_MAX))
+    q = (nope / torch.exp2(exponent)[..., None]).to(torch.float8_e4m3fn)
+    out = torch.zeros(
+        *lead, kv_entry_bytes(head_dim, rope_head_dim, "fp8"), dtype=torch.uint8, device=kv.device
+    )
+    out[..., :nope_dim] = q.reshape(*lead, nope_dim).view(torch.uint8)
+    rope_end = nope_dim + 2 * rope_head_dim
+    rope = kv[..., nope_dim:].to(torch.bfloat16).contiguous()
+    out[..., nope_dim:rope_end] = rope.view(torch.uint8)
+    out[..., rope_end : rope_end + exponent.shape[-1]] = (exponent + 127).to(torch.uint8)
+    return out
+
+
+def fp8_unpack_entries(
+    packed: torch.Tensor, head_dim: int = 512, rope_head_dim: int = 64
+) -> torch.Tensor:
+    """[..., 584] uint8 -> [..., 512] bf16, inverse of fp8_pack_entries (up to e4m3 rounding)."""
+    nope_dim = head_dim - rope_head_dim
+    lead = packed.shape[:-1]
+    num_scales = nope_dim // FP8_BLOCK
+    rope_end = nope_dim + 2 * rope_head_dim
+    q = packed[..., :nope_dim].contiguous().view(torch.float8_e4m3fn).float()
+    exponent = packed[..., rope_end : rope_end + num_scales].float() - 127
+    nope = q.reshape(*lead, num_scales, FP8_BLOCK) * torch.exp2(exponent)[..., None]
+    rope = packed[..., nope_dim:rope_end].contiguous().view(torch.bfloat16)
+    return torch.cat([nope.reshape(*lead, nope_dim).to(torch.bfloat16), rope], dim=-1)

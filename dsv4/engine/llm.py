@@ -1,0 +1,127 @@
+"""`dsv4.LLM`: the offline entry point (vLLM-style) over LLMEngine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from dsv4.engine.config import EngineConfig
+from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout, plan_layout
+from dsv4.engine.llm_engine import LLMEngine
+from dsv4.engine.request import RequestOutput
+from dsv4.engine.runner import ModelRunner
+from dsv4.engine.sampling_params import SamplingParams
+
+
+def cache_layout_for(model_config: Any, config: EngineConfig) -> KVCacheLayout:
+    """Pools for a model config (ModelArgs, transformers config or config.json dict)."""
+    spec = CacheSpec.from_config(model_config, config.kv_cache_dtype)
+    max_model_len = config.max_model_len or _get(model_config, "max_position_embeddings")
+    return plan_layout(
+        spec,
+        config.kv_cache_memory_bytes,
+        config.max_num_seqs,
+        reference_seq_len=min(config.reference_seq_len, int(max_model_len)),
+        block_size=config.block_size,
+    )
+
+
+def _get(cfg: Any, key: str) -> Any:
+    return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
+
+
+class LLM:
+    """Generate from many prompts at once with continuous batching and the paged V4 cache.
+
+    llm = LLM(model=path, device="cpu", kv_cache_dtype="fp8", max_num_seqs=32,
+              max_num_batched_tokens=1024, kv_cache_memory_bytes=4 << 30)
+    outs = llm.generate(["Hello", [0, 42, 7]], SamplingParams(temperature=0, max_tokens=32))
+    outs[0].text, outs[0].token_ids, outs[0].finish_reason
+
+    `runner` replaces the model runner built from `model` (another backend, or a test double);
+    it must follow the ModelRunner contract and carry its cache layout.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        kv_cache_dtype: str = "bf16",
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        block_size: int = 128,
+        tokenizer: Any = None,
+        runner: ModelRunner | None = None,
+    ) -> None:
+        self.config = EngineConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            kv_cache_dtype=kv_cache_dtype,
+            block_size=block_size,
+            **({"kv_cache_memory_bytes": kv_cache_memory_bytes} if kv_cache_memory_bytes else {}),
+        )
+        if runner is None:
+            if model is None:
+                raise ValueError("LLM needs model=PATH (a V4 checkpoint directory).")
+            runner, model_max_len = _build_runner(model, device, dtype, self.config)
+        else:
+            model_max_len = runner.layout.max_tokens_per_seq
+        self.engine = LLMEngine(
+            runner,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            max_model_len=self.config.max_model_len or model_max_len,
+            tokenizer=tokenizer,
+        )
+
+    # the server drives these directly
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        return self.engine.add_request(prompt, params, request_id)
+
+    def step(self) -> list[RequestOutput]:
+        return self.engine.step()
+
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def open_stream(self, request_id: str):
+        return self.engine.open_stream(request_id)
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. A single prompt may be passed bare."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        return self.engine.generate(prompts, sampling_params)  # type: ignore[arg-type]
+
+
+def _build_runner(
+    model: str | os.PathLike, device: str | None, dtype: str | None, config: EngineConfig
+) -> tuple[ModelRunner, int]:
+    """The paged V4 runner over dsv4.model. This is the seam the model branch plugs into."""
+    try:
+        from dsv4.engine.model_runner import V4ModelRunner  # written with the model
+    except ImportError as exc:
+        raise RuntimeError(
+            "this build of dsv4 has no V4 model runner yet (dsv4.engine.model_runner); "
+            "pass runner=... or install a build that includes dsv4.model"
+        ) from exc
+    runner = V4ModelRunner.from_pretrained(model, device=device, dtype=dtype, config=config)
+    return runner, runner.max_model_len

@@ -1,0 +1,139 @@
+"""Per-request sampling parameters (OpenAI / vLLM meanings), validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20  # the OpenAI API allows at most 20 top_logprobs
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request and when to stop.
+
+    temperature 0 means greedy (exact argmax of the penalised logits). Penalties: presence and
+    frequency count generated tokens only (OpenAI semantics); repetition_penalty counts prompt
+    and generated tokens (Hugging Face semantics: positive logits divided, negative multiplied).
+    `logprobs` is how many top alternatives to return per generated token (0 = only the chosen
+    token's logprob, None = no logprobs); the values are those of the model's raw distribution
+    (log_softmax of the logits before penalties, temperature and truncation), as vLLM returns by
+    default.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k truncation
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to the model's / cache's context limit
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        if self.top_k == -1:
+            self.top_k = 0
+        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "must be an integer >= 1")
+        _check(
+            self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0 (0 = greedy)"
+        )
+        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
+        _check(
+            isinstance(self.top_k, int) and self.top_k >= 0,
+            "top_k",
+            self.top_k,
+            "must be 0 or -1 (disabled) or a positive integer",
+        )
+        _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
+        _check(
+            -2.0 <= self.presence_penalty <= 2.0,
+            "presence_penalty",
+            self.presence_penalty,
+            "must be in [-2, 2]",
+        )
+        _check(
+            -2.0 <= self.frequency_penalty <= 2.0,
+            "frequency_penalty",
+            self.frequency_penalty,
+            "must be in [-2, 2]",
+        )
+        _check(
+            self.repetition_penalty > 0.0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "must be > 0 (1 = off)",
+        )
+        _check(
+            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            "max_tokens",
+            self.max_tokens,
+            "must be a positive integer or None",
+        )
+        _check(
+            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            "min_tokens",
+            self.min_tokens,
+            "must be a non-negative integer",
+        )
+        if self.max_tokens is not None:
+            _check(
+                self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                self.min_tokens,
+                f"must be <= max_tokens ({self.max_tokens})",
+            )
+        _check(
+            self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+            "logprobs",
+            self.logprobs,
+            f"must be None or in [0, {MAX_LOGPROBS}]",
+        )
+        _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
+        _check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            self.stop_token_ids,
+            "must be non-negative token ids",
+        )
+        _check(
+            self.seed is None or isinstance(self.seed, int),
+            "seed",
+            self.seed,
+            "must be an integer or None",
+        )
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def max_stop_str_len(self) -> int:
+        return max((len(s) for s in self.stop), default=0)
+
+    def for_child(self, index: int) -> SamplingParams:
+        """Parameters of the index-th of n parallel samples: n=1 and a distinct seed.
+
+        Child i of a seeded request gets seed + i, so the n samples differ from each other and
+        the whole set is reproducible; unseeded children draw from the engine's shared stream.
+        """
+        from dataclasses import replace
+
+        seed = None if self.seed is None else self.seed + index
+        return replace(self, n=1, seed=seed)
+
+
+def _check(ok: bool, name: str, value: object, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"SamplingParams.{name}={value!r} is invalid: it {rule}.")
