@@ -85,11 +85,11 @@ def _add_run_arguments(p: argparse.ArgumentParser, sweep: bool) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    _add_run_arguments(sub.add_parser("serve", help="one benchmark run against an endpoint"),
-                       sweep=False)
-    _add_run_arguments(sub.add_parser("sweep", help="one run per --concurrency level, plots"),
-                       sweep=True)
-    p = sub.add_parser("compare", help="side-by-side markdown + PNG of two or more runs")
+    _PARSERS["serve"] = sub.add_parser("serve", help="one benchmark run against an endpoint")
+    _add_run_arguments(_PARSERS["serve"], sweep=False)
+    _PARSERS["sweep"] = sub.add_parser("sweep", help="one run per --concurrency level, plots")
+    _add_run_arguments(_PARSERS["sweep"], sweep=True)
+    p = _PARSERS["compare"] = sub.add_parser("compare", help="side-by-side markdown + PNG")
     p.add_argument("results", nargs="+", help="result JSON files; the first is baseline A")
     p.add_argument("--prediction", action="append", default=[], metavar="LABEL=FILE",
                    help="planner bound for the run with this label (or 0-based index)")
@@ -98,19 +98,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the comparison numbers here")
 
 
-def _redacted_argv() -> list[str]:
-    argv, out, hide = list(sys.argv), [], False
-    for a in argv:
-        if hide:
-            out.append("***")
-            hide = False
-        elif a == "--api-key":
-            out.append(a)
-            hide = True
-        elif a.startswith("--api-key="):
-            out.append("--api-key=***")
+_PARSERS: dict[str, argparse.ArgumentParser] = {}
+
+
+def _command_line(args: argparse.Namespace) -> list[str]:
+    """The run as a `dsv4 bench` command with every non-default flag, api key masked.
+
+    Rebuilt from the parsed arguments (not sys.argv) so it is right however the command was
+    started: console script, `python -m dsv4.cli`, or `dsv4.cli.main([...])` from Python.
+    """
+    parser = _PARSERS[args.action]
+    out = ["dsv4", "bench", args.action]
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        value = getattr(args, action.dest, None)
+        if value == action.default or value is None:
+            continue
+        flag = action.option_strings[0]
+        if action.dest == "api_key":
+            out += [flag, "***"]
+        elif isinstance(action, argparse._StoreTrueAction):
+            out.append(flag)
+        elif isinstance(value, list):
+            for v in value:
+                out += [flag, str(v)]
         else:
-            out.append(a)
+            out += [flag, str(value)]
+    if args.action == "compare":
+        out += list(args.results)
     return out
 
 
@@ -214,7 +230,7 @@ async def _run_once(args: argparse.Namespace, concurrency: int | None,
     return build_result(
         label=label, config=_config(args, concurrency, endpoint.model), metrics=metrics,
         records=load.records, warmup=load.warmup_records, server_models=models,
-        command_line=_redacted_argv(), prediction=prediction,
+        command_line=_command_line(args), prediction=prediction,
     )
 
 
@@ -260,7 +276,7 @@ def _sweep(args: argparse.Namespace) -> int:
         write_json(result, path.with_name(f"{path.stem}.c{level}.json"))
         print_summary(result)
         results.append(result)
-    sweep = sweep_document(results, _redacted_argv())
+    sweep = sweep_document(results, _command_line(args))
     write_json(sweep, path)
     print(f"sweep result: {path}")
     if not args.no_plot:

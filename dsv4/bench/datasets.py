@@ -49,18 +49,23 @@ class TextTokenizer:
                 f"--tokenizer {path} not found; give a tokenizer.json file or a folder with one"
             )
         self.tok = Tokenizer.from_file(str(path))
-        special = {t.content for t in self.tok.get_added_tokens_decoder().values()}
-        vocab = self.tok.get_vocab()
-        # ids a random prompt may use: everything but added/special tokens
-        self.plain_ids = sorted(i for t, i in vocab.items() if t not in special)
+        self.plain_ids = self._clean_ids()
 
-    @classmethod
-    def from_tokenizer(cls, tok: Any) -> TextTokenizer:
-        self = cls.__new__(cls)
-        self.tok = tok
-        special = {t.content for t in tok.get_added_tokens_decoder().values()}
-        self.plain_ids = sorted(i for t, i in tok.get_vocab().items() if t not in special)
-        return self
+    def _clean_ids(self) -> list[int]:
+        """Ids a random prompt may use: no added/special tokens, and only tokens that decode to
+        whole printable text and encode back to themselves (byte-level vocabularies hold pieces
+        of UTF-8 characters that would turn into U+FFFD and change the count)."""
+        special = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        ids = []
+        for piece, i in self.tok.get_vocab().items():
+            if piece in special:
+                continue
+            text = self.decode([i])
+            if text and text.isprintable() and "\ufffd" not in text and self.encode(text) == [i]:
+                ids.append(i)
+        if not ids:
+            raise ValueError("the tokenizer has no plain tokens to build random prompts from")
+        return sorted(ids)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -90,6 +95,9 @@ def _exact_length_text(tok: TextTokenizer, target: int, rng: random.Random) -> t
         else:
             ids = ids + [rng.choice(tok.plain_ids) for _ in range(target - len(ids))]
         text = tok.decode(ids)
+    # Rare: the loop cycles. Trim characters until at or under target; report the real count.
+    while tok.count(text) > target and len(text) > 1:
+        text = text[:-1]
     return text, tok.count(text)
 
 
