@@ -224,7 +224,7 @@ async def _run_once(args: argparse.Namespace, concurrency: int | None,
         from dsv4.bench.compare import load_prediction
 
         prediction = load_prediction(args.prediction)
-    label = args.label or f"{endpoint.model}@{args.base_url}"
+    label = args.label or endpoint.model
     if args.action == "sweep":
         label += f" c={concurrency}"
     return build_result(

@@ -174,8 +174,10 @@ async def send_request(
                     continue  # blank separators, ": keep-alive" comments, "event:" lines
                 body = line[len("data:") :].strip()
                 if body == "[DONE]":
+                    # keep reading to the end of the body: a response left half-read makes
+                    # httpx drop its connection, and the next request would pay a new connect
                     saw_done = True
-                    break
+                    continue
                 try:
                     data = json.loads(body)
                 except ValueError:

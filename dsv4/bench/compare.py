@@ -176,14 +176,16 @@ def plot_comparison(comparison: dict[str, Any], path: str | Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
+    import textwrap
+
     import matplotlib.pyplot as plt
     import numpy as np
 
     runs = comparison["runs"]
-    labels = [r["label"] for r in runs]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    labels = ["\n".join(textwrap.wrap(r["label"], 18)) for r in runs]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.4))
     axes[0].bar(labels, [r["throughput"]["output_throughput_tok_s"] for r in runs],
-                color="tab:green")
+                color=[f"C{i}" for i in range(len(runs))])
     axes[0].set_title("Output throughput (tok/s)")
     width = 0.8 / len(runs)
     for ax, key, title in ((axes[1], "ttft_ms", "TTFT (ms)"), (axes[2], "tpot_ms", "TPOT (ms)"),
