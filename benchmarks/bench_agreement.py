@@ -1,0 +1,137 @@
+"""Agreement check: dsv4's bench and NVIDIA's aiperf measure the same server and workload.
+
+Runs `aiperf profile` and `dsv4 bench serve` one after the other against one OpenAI-compatible
+endpoint with the same load (fixed concurrency, request count, prompt and output lengths, the
+`max_tokens` field, streaming with usage), then prints the medians of TTFT and TPOT and the
+output token throughput side by side, a table first and one JSON line last. The tools agree
+when every relative difference is within --tolerance (10% by default).
+
+aiperf's "inter_token_latency" is per request (latency - TTFT) / (output tokens - 1), the same
+definition as vLLM's TPOT that dsv4 reports, so the two medians are directly comparable.
+
+aiperf has heavy dependencies; keep it in its own virtual environment:
+    python -m venv /tmp/aiperf-venv && /tmp/aiperf-venv/bin/pip install aiperf
+    python benchmarks/bench_agreement.py --base-url http://127.0.0.1:8000 \\
+        --tokenizer PATH/TO/TOKENIZER_DIR --aiperf /tmp/aiperf-venv/bin/aiperf
+aiperf needs a local HuggingFace tokenizer folder (tokenizer.json + tokenizer_config.json)
+because this machine cannot download one; dsv4's bench reads the tokenizer.json in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_aiperf(args: argparse.Namespace, out_dir: Path) -> dict:
+    cmd = [
+        args.aiperf, "profile", "--model", args.model, "--url", args.base_url,
+        "--endpoint-type", "chat", "--streaming", "--tokenizer", args.tokenizer,
+        "--concurrency", str(args.concurrency), "--request-count", str(args.num_prompts),
+        "--prompt-input-tokens-mean", str(args.input_len), "--prompt-input-tokens-stddev", "0",
+        "--prompt-output-tokens-mean", str(args.output_len),
+        "--prompt-output-tokens-stddev", "0",
+        "--use-server-token-count", "--use-legacy-max-tokens",
+        "--warmup-request-count", str(args.num_warmups),
+        "--output-artifact-dir", str(out_dir), "--no-server-metrics", "--no-gpu-telemetry",
+        "--no-auto-plot", "--random-seed", str(args.seed),
+    ]
+    if args.ignore_eos:
+        cmd += ["--extra-inputs", "ignore_eos:true"]
+    log = out_dir / "aiperf.stdout.txt"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    summary = out_dir / "profile_export_aiperf.json"
+    if rc != 0 or not summary.is_file():
+        raise SystemExit(f"aiperf failed (rc={rc}); see {log}")
+    d = json.loads(summary.read_text())
+    return {
+        "ttft_median_ms": d["time_to_first_token"]["p50"],
+        "tpot_median_ms": d["inter_token_latency"]["p50"],
+        "output_throughput_tok_s": d["output_token_throughput"]["avg"],
+        "completed": d.get("request_count", {}).get("avg"),
+        "command": cmd,
+    }
+
+
+def run_dsv4(args: argparse.Namespace, out_dir: Path) -> dict:
+    result_file = out_dir / "dsv4.json"
+    cmd = [
+        sys.executable, "-m", "dsv4.cli", "bench", "serve", "--base-url", args.base_url,
+        "--model", args.model, "--dataset", "random", "--input-len", str(args.input_len),
+        "--output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+        "--concurrency", str(args.concurrency), "--num-warmups", str(args.num_warmups),
+        "--seed", str(args.seed), "--result-file", str(result_file), "--disable-tqdm",
+        "--no-plot",
+    ]
+    if args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
+    if args.ignore_eos:
+        cmd.append("--ignore-eos")
+    log = out_dir / "dsv4.stdout.txt"
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if rc != 0 or not result_file.is_file():
+        raise SystemExit(f"dsv4 bench failed (rc={rc}); see {log}")
+    m = json.loads(result_file.read_text())["metrics"]
+    return {
+        "ttft_median_ms": m["ttft_ms"]["median"],
+        "tpot_median_ms": m["tpot_ms"]["median"],
+        "output_throughput_tok_s": m["output_throughput_tok_s"],
+        "completed": m["completed"],
+        "command": cmd,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-url", required=True)
+    p.add_argument("--model", required=True, help="served model name")
+    p.add_argument("--tokenizer", required=True,
+                   help="local HuggingFace tokenizer folder (aiperf needs one)")
+    p.add_argument("--aiperf", default=shutil.which("aiperf") or "aiperf")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--num-prompts", type=int, default=40)
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--num-warmups", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="both tools ask for exactly --output-len tokens")
+    p.add_argument("--tolerance", type=float, default=0.10)
+    p.add_argument("--out-dir", default=None, help="keep artifacts here (default: temp)")
+    args = p.parse_args()
+
+    out = Path(args.out_dir or tempfile.mkdtemp(prefix="bench-agreement-"))
+    aiperf = run_aiperf(args, out / "aiperf")
+    dsv4 = run_dsv4(args, out)
+
+    rows = []
+    print(f"{'metric':<28}{'dsv4 bench':>14}{'aiperf':>14}{'diff':>10}")
+    for key in ("ttft_median_ms", "tpot_median_ms", "output_throughput_tok_s"):
+        a, b = dsv4[key], aiperf[key]
+        diff = (a - b) / b
+        rows.append({"metric": key, "dsv4": a, "aiperf": b, "rel_diff": diff,
+                     "agree": abs(diff) <= args.tolerance})
+        print(f"{key:<28}{a:>14.2f}{b:>14.2f}{diff:>+10.1%}")
+    agree = all(r["agree"] for r in rows)
+    print(f"completed: dsv4 {dsv4['completed']}, aiperf {aiperf['completed']}; "
+          f"agree within {args.tolerance:.0%}: {agree}; artifacts in {out}")
+    print(json.dumps({"benchmark": "bench_agreement", "base_url": args.base_url,
+                      "model": args.model, "concurrency": args.concurrency,
+                      "num_prompts": args.num_prompts, "input_len": args.input_len,
+                      "output_len": args.output_len, "tolerance": args.tolerance,
+                      "agree": agree, "rows": rows}))
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
