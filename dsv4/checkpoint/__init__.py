@@ -1,1 +1,1 @@
-
+"""Safetensors checkpoints in DeepSeek-V4's released layout: read lazily, write, quantise."""

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.platforms import available_platforms, get_platform, register_platform
+from dsv4.platforms.cpu import CpuPlatform
+
+
+def test_cpu_platform_runs_tensors():
+    p = get_platform("cpu")
+    x = torch.ones(2, device=p.device())
+    p.synchronize()
+    assert x.device.type == "cpu" and p.dist_backend == "gloo"
+    assert p.memory_bytes() > 2**30
+
+
+def test_best_available_is_cuda_then_npu_then_cpu():
+    names = available_platforms()
+    assert names[-1] == "cpu"
+    assert get_platform().name == names[0]
+    if not torch.cuda.is_available():
+        assert "cuda" not in names
+
+
+def test_errors_name_the_device_and_the_fix():
+    with pytest.raises(ValueError, match="unknown device 'tpu'.*cpu"):
+        get_platform("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cpu"):
+            get_platform("cuda")
+    with pytest.raises(ValueError, match="--device cpu"):
+        get_platform("npu")  # torch_npu is not installed here
+
+
+def test_register_a_new_platform():
+    class Fake(CpuPlatform):
+        name = "fakecpu"
+
+    register_platform("fakecpu", Fake)
+    assert get_platform("fakecpu").name == "fakecpu"
