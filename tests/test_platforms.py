@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dsv4 import platforms
 from dsv4.platforms import available_platforms, get_platform, register_platform
 from dsv4.platforms.cpu import CpuPlatform
 
@@ -38,4 +39,7 @@ def test_register_a_new_platform():
         name = "fakecpu"
 
     register_platform("fakecpu", Fake)
-    assert get_platform("fakecpu").name == "fakecpu"
+    try:
+        assert get_platform("fakecpu").name == "fakecpu"
+    finally:
+        platforms._REGISTRY.pop("fakecpu")
