@@ -1,0 +1,200 @@
+"""V4 attention: one shared KV vector per token (K = V) read by every query head, over
+[the last `window` tokens] + [compressed entries: all visible ones (HCA, ratio 128) or the
+top-k picked by the lightning indexer (CSA, ratio 4)], with a learned per-head sink.
+
+Every query gathers its own keys (window slice + selected entries), so prefill costs
+S * (window + top-k), never S x S. The same code serves a full forward (no cache), prefill
+into a cache, chunked prefill and one-token decode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.model.cache import LayerCache
+from dsv4.model.compressor import Compressor
+from dsv4.model.config import ModelArgs
+from dsv4.model.norm import RMSNorm, rms_normalize
+from dsv4.model.rope import apply_rope, rope_cos_sin
+from dsv4.quant.act import fp4_roundtrip, fp8_roundtrip, hadamard_rotate
+
+QUERY_CHUNK = 256  # queries per gather; bounds memory at chunk * (window + top-k) * head_dim
+
+
+def quantize_kv_nope(kv: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """The reference's FP8 treatment of a KV vector: non-RoPE dims through e4m3, block 64."""
+    return torch.cat([fp8_roundtrip(kv[..., :-rope_dim], 64), kv[..., -rope_dim:]], dim=-1)
+
+
+def quantize_indexer(x: torch.Tensor) -> torch.Tensor:
+    """Hadamard rotation then FP4 e2m1 (block 32), as the reference does for indexer q and k."""
+    return fp4_roundtrip(hadamard_rotate(x), 32)
+
+
+def sparse_attention(
+    q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [B, T, H, D]; keys [B, T, K, D] gathered per query (K = V); valid [B or 1, T, K];
+    sink [H] enters only the softmax denominator. -> [B, T, H, D]."""
+    logits = torch.einsum("bthd,btkd->bthk", q, keys).float() * scale
+    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+    sinks = sink.float().view(1, 1, -1, 1).expand(*logits.shape[:3], 1)
+    probs = torch.softmax(torch.cat([logits, sinks], dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("bthk,btkd->bthd", probs.to(keys.dtype), keys)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, D], index [B or 1, T, K] (any value; clamp first) -> [B, T, K, D]."""
+    B, T, K = x.shape[0], index.shape[1], index.shape[2]
+    flat = index.clamp(0, max(x.shape[1] - 1, 0)).expand(B, T, K).reshape(B, T * K)
+    return torch.gather(x, 1, flat[..., None].expand(-1, -1, x.shape[-1])).view(B, T, K, -1)
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: score(t, s) = sum_h w_{t,h} ReLU(q_{t,h} . k_s), keep the top-k."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = (
+            args.index_n_heads,
+            args.index_head_dim,
+            args.index_topk,
+        )
+        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(args.hidden_size, self.head_dim, 4, args.rms_norm_eps)
+
+    def forward(self, x, qr, positions, inv_freq, cache: LayerCache | None, fp4: bool):
+        """-> (top-k entry indices [B, T, k] with -1 for none, all indexer keys so far)."""
+        B, T, _ = x.shape
+        start_pos = int(positions[0])
+        new_keys = self.compressor(x, start_pos, inv_freq, cache and cache.index_compressor)
+        if fp4:
+            new_keys = quantize_indexer(new_keys)
+        keys = (
+            new_keys
+            if cache is None or cache.index_keys is None
+            else torch.cat([cache.index_keys, new_keys], dim=1)
+        )  # [B, N, dI]
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim).float()
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        if fp4:
+            q = quantize_indexer(q)
+        w = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)  # [B, T, h]
+        visible = (positions + 1) // 4  # entries a query may see
+        num_keys = keys.shape[1]
+        k = min(self.topk, num_keys)
+        chunks = []
+        for s in range(0, T, QUERY_CHUNK):
+            e = min(s + QUERY_CHUNK, T)
+            relu = torch.relu(torch.einsum("bthd,bnd->bthn", q[:, s:e], keys.float()))
+            score = (relu * w[:, s:e, :, None]).sum(dim=2)  # [B, t, N]
+            future = torch.arange(num_keys, device=x.device) >= visible[s:e, None]
+            score = score.masked_fill(future, float("-inf"))
+            top = score.topk(k, dim=-1).indices if k else score.new_zeros(B, e - s, 0).long()
+            chunks.append(torch.where(top >= visible[s:e, None], -1, top))
+        return torch.cat(chunks, dim=1), keys
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, ratio: int):
+        super().__init__()
+        self.args, self.ratio = args, ratio
+        H, hd = args.num_attention_heads, args.head_dim
+        self.n_heads, self.head_dim, self.rope_dim = H, hd, args.qk_rope_head_dim
+        self.window, self.scale, self.eps = args.sliding_window, hd**-0.5, args.rms_norm_eps
+        self.wq_a = nn.Linear(args.hidden_size, args.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+        self.wq_b = nn.Linear(args.q_lora_rank, H * hd, bias=False)
+        self.wkv = nn.Linear(args.hidden_size, hd, bias=False)
+        self.kv_norm = RMSNorm(hd, args.rms_norm_eps)
+        self.wo_a = nn.Linear(H * hd // args.o_groups, args.o_groups * args.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(args.o_groups * args.o_lora_rank, args.hidden_size, bias=False)
+        self.attn_sink = nn.Parameter(torch.zeros(H, dtype=torch.float32))
+        if ratio:
+            self.compressor = Compressor(args.hidden_size, hd, ratio, args.rms_norm_eps)
+        if ratio == 4:
+            self.indexer = Indexer(args)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        cache: LayerCache | None,
+        kv_fp8: bool,
+        indexer_fp4: bool,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, hd, W = self.n_heads, self.head_dim, self.window
+        start_pos = int(positions[0])
+        cos, sin = rope_cos_sin(positions, inv_freq)  # [T, rd/2]
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).view(B, T, H, hd)
+        q = rms_normalize(q, self.eps).to(x.dtype)
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, T, hd]
+        if kv_fp8:
+            kv = quantize_kv_nope(kv, self.rope_dim)
+
+        # Window: keys at positions p - W + 1 .. p, from the ring (earlier chunks) and kv.
+        num_prior = min(start_pos, W - 1) if cache is not None else 0
+        recent = kv
+        if num_prior:
+            slots = torch.arange(start_pos - num_prior, start_pos, device=x.device) % W
+            recent = torch.cat([cache.window[:, slots].to(kv.dtype), kv], dim=1)
+        recent_start = start_pos - num_prior
+        win_pos = positions[:, None] - W + 1 + torch.arange(W, device=x.device)  # [T, W]
+        win_idx = (win_pos - recent_start)[None]
+        win_valid = win_pos[None] >= max(recent_start, 0)
+
+        # Compressed entries visible to each query: all (HCA) or the indexer's top-k (CSA).
+        comp_idx = comp_valid = entries = None
+        if self.ratio:
+            new = self.compressor(x, start_pos, inv_freq, cache and cache.compressor)
+            if kv_fp8:
+                new = quantize_kv_nope(new, self.rope_dim)
+            new = new.to(kv.dtype)
+            entries = (
+                new
+                if cache is None or cache.compressed is None
+                else torch.cat([cache.compressed, new], dim=1)
+            )
+            if self.ratio == 4:
+                comp_idx, keys = self.indexer(x, qr, positions, inv_freq, cache, indexer_fp4)
+                comp_valid = comp_idx >= 0
+                if cache is not None:
+                    cache.index_keys = keys
+            else:
+                comp_idx = torch.arange(entries.shape[1], device=x.device).expand(1, T, -1)
+                comp_valid = comp_idx < ((positions + 1) // self.ratio)[None, :, None]
+
+        out = []
+        for s in range(0, T, QUERY_CHUNK):
+            e = min(s + QUERY_CHUNK, T)
+            keys, valid = gather_rows(recent, win_idx[:, s:e]), win_valid[:, s:e]
+            if entries is not None and entries.shape[1]:
+                keys = torch.cat([keys, gather_rows(entries, comp_idx[:, s:e])], dim=2)
+                valid = torch.cat(
+                    [valid.expand(comp_valid.shape[0], -1, -1), comp_valid[:, s:e]], dim=2
+                )
+            out.append(sparse_attention(q[:, s:e], keys, valid, self.attn_sink, self.scale))
+        o = apply_rope(torch.cat(out, dim=1), cos[:, None], -sin[:, None])  # undo query RoPE
+
+        if cache is not None:
+            self._update_cache(cache, kv, positions, entries)
+        g = self.args.o_groups
+        o = o.reshape(B, T, g, H * hd // g)
+        wo_a = self.wo_a.weight.view(g, self.args.o_lora_rank, -1)
+        o = torch.einsum("btgd,grd->btgr", o, wo_a).flatten(2)
+        return self.wo_b(o)
+
+    def _update_cache(self, cache: LayerCache, kv, positions, entries) -> None:
+        if cache.window is None:
+            cache.window = kv.new_zeros(kv.shape[0], self.window, self.head_dim)
+        keep = min(kv.shape[1], self.window)
+        cache.window[:, positions[-keep:] % self.window] = kv[:, -keep:]
+        if entries is not None:
+            cache.compressed = entries

@@ -1,0 +1,64 @@
+"""Manifold-constrained hyper-connections (mHC): n residual streams instead of one.
+
+Before a sub-block, the streams are mixed into its input with weights `pre`; after it, its
+output is spread back with `post` and the old streams are mixed by `comb`, a matrix pushed
+towards doubly-stochastic by Sinkhorn normalisation. All weights depend on the token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.model.norm import rms_normalize
+
+
+def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [B, S, n, D] -> per-token mixes [B, S, fn.shape[0]] in float32."""
+    return rms_normalize(x.flatten(2), eps) @ fn.float().T
+
+
+def hc_pre(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    sinkhorn_iters: int,
+    hc_eps: float,
+    norm_eps: float,
+):
+    """-> (sub-block input [B, S, D], post [B, S, n], comb [B, S, n, n])."""
+    n = x.shape[2]
+    mixes = hc_mixes(x, fn, norm_eps)
+    base, scale = base.float(), scale.float()
+    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps
+    post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+    logits = mixes[..., 2 * n :].unflatten(-1, (n, n)) * scale[2] + base[2 * n :].view(n, n)
+    comb = torch.softmax(logits, dim=-1) + hc_eps
+    comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    for _ in range(sinkhorn_iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    y = (pre[..., None] * x.float()).sum(dim=2)
+    return y.to(x.dtype), post, comb
+
+
+def hc_post(
+    out: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor
+) -> torch.Tensor:
+    """y_k = post_k * out + sum_j comb[j, k] * residual_j  -> [B, S, n, D]."""
+    mixed = torch.einsum("bsjk,bsjd->bskd", comb, residual.float())
+    return (post[..., None] * out.float()[:, :, None, :] + mixed).to(residual.dtype)
+
+
+def hc_head(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    hc_eps: float,
+    norm_eps: float,
+) -> torch.Tensor:
+    """Collapse the streams for the output head (no Sinkhorn): [B, S, n, D] -> [B, S, D]."""
+    mixes = hc_mixes(x, fn, norm_eps)
+    pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps
+    return (pre[..., None] * x.float()).sum(dim=2).to(x.dtype)

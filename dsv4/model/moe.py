@@ -1,0 +1,78 @@
+"""Mixture of experts: sqrt-softplus router scores, top-k by score + selection bias (or a
+fixed token -> experts table in the first `num_hash_layers` layers), a shared expert."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.model.config import ModelArgs
+
+
+class Expert(nn.Module):
+    def __init__(self, dim: int, inter_dim: int, swiglu_limit: float | None):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        self.limit = swiglu_limit  # None: no clamp (the reference's shared expert)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        gate, up = self.w1(x), self.w3(x)
+        if self.limit is not None:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        h = F.silu(gate) * up
+        if weight is not None:
+            h = h * weight[:, None].to(h.dtype)
+        return self.w2(h)
+
+
+class Gate(nn.Module):
+    def __init__(self, args: ModelArgs, hashed: bool):
+        super().__init__()
+        self.topk, self.hashed = args.num_experts_per_tok, hashed
+        self.scaling, self.normalize = args.routed_scaling_factor, args.norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(args.n_routed_experts, args.hidden_size))
+        if hashed:
+            self.register_buffer(
+                "tid2eid", torch.zeros(args.vocab_size, self.topk, dtype=torch.int32)
+            )
+        else:
+            self.bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D], ids [N] -> (weights [N, k] float32, expert indices [N, k])."""
+        scores = torch.sqrt(F.softplus(x.float() @ self.weight.float().T))  # [N, E]
+        if self.hashed:
+            indices = self.tid2eid[ids].long()
+        else:
+            indices = (scores + self.bias.float()).topk(self.topk, dim=-1).indices  # bias selects
+        weights = scores.gather(1, indices)
+        if self.normalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, indices
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, hashed: bool):
+        super().__init__()
+        dim, inter = args.hidden_size, args.moe_intermediate_size
+        self.gate = Gate(args, hashed)
+        self.experts = nn.ModuleList(
+            Expert(dim, inter, args.swiglu_limit) for _ in range(args.n_routed_experts)
+        )
+        self.shared_experts = Expert(dim, inter * args.n_shared_experts, None)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices = self.gate(x, ids.reshape(-1))
+        out = torch.zeros_like(x)
+        counts = torch.bincount(indices.flatten(), minlength=len(self.experts)).tolist()
+        for e, count in enumerate(counts):  # loop over experts, not over tokens
+            if count == 0:
+                continue
+            token, slot = torch.where(indices == e)
+            out.index_add_(0, token, self.experts[e](x[token], weights[token, slot]))
+        return (out + self.shared_experts(x)).view(shape)
