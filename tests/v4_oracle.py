@@ -105,6 +105,13 @@ def hf_model(args: ModelArgs, seed: int = 0) -> transformers.DeepseekV4ForCausal
                 b.copy_(torch.randint(0, args.n_routed_experts, b.shape, generator=g))
             elif name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    # ReLU scores tie exactly (at 0) in tiny models, and torch.topk breaks ties differently for
+    # different tensor widths. dsv4 defines the rule (lower entry index wins); give the oracle
+    # the same rule by nudging exact zeros only (1e-30 vanishes against any nonzero score).
+    for module in model.modules():
+        if type(module).__name__ == "DeepseekV4IndexerScorer":
+            module.register_forward_hook(
+                lambda mod, inp, out: out - 1e-30 * torch.arange(out.shape[-1], device=out.device))
     return model
 
 

@@ -18,13 +18,16 @@ from dsv4.model.config import ModelArgs
 from dsv4.model.norm import RMSNorm, rms_normalize
 from dsv4.model.rope import apply_rope, rope_cos_sin
 from dsv4.quant.act import fp4_roundtrip, fp8_roundtrip, hadamard_rotate
+from dsv4.quant.kv import pack_kv_fp8, unpack_kv_fp8
 
 QUERY_CHUNK = 256  # queries per gather; bounds memory at chunk * (window + top-k) * head_dim
 
 
 def quantize_kv_nope(kv: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """The reference's FP8 treatment of a KV vector: non-RoPE dims through e4m3, block 64."""
-    return torch.cat([fp8_roundtrip(kv[..., :-rope_dim], 64), kv[..., -rope_dim:]], dim=-1)
+    """The reference's FP8 treatment of a KV vector: non-RoPE dims through e4m3 (block 64),
+    RoPE dims in bf16: exactly the values a 584-byte FP8 cache entry can hold."""
+    rope = kv[..., -rope_dim:].to(torch.bfloat16).to(kv.dtype)
+    return torch.cat([fp8_roundtrip(kv[..., :-rope_dim], 64), rope], dim=-1)
 
 
 def quantize_indexer(x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +52,13 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     B, T, K = x.shape[0], index.shape[1], index.shape[2]
     flat = index.clamp(0, max(x.shape[1] - 1, 0)).expand(B, T, K).reshape(B, T * K)
     return torch.gather(x, 1, flat[..., None].expand(-1, -1, x.shape[-1])).view(B, T, K, -1)
+
+
+def stable_topk(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, ties to the lower index. ReLU makes exact ties (at 0)
+    common; resolving them by position keeps the choice independent of how many entries
+    the call happened to see, so chunked, batched and full forwards pick the same entries."""
+    return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 class Indexer(nn.Module):
@@ -93,7 +103,7 @@ class Indexer(nn.Module):
             score = (relu * w[:, s:e, :, None]).sum(dim=2)  # [B, t, N]
             future = torch.arange(num_keys, device=x.device) >= visible[s:e, None]
             score = score.masked_fill(future, float("-inf"))
-            top = score.topk(k, dim=-1).indices if k else score.new_zeros(B, e - s, 0).long()
+            top = stable_topk(score, k)
             chunks.append(torch.where(top >= visible[s:e, None], -1, top))
         return torch.cat(chunks, dim=1), keys
 
@@ -144,7 +154,7 @@ class Attention(nn.Module):
         recent = kv
         if num_prior:
             slots = torch.arange(start_pos - num_prior, start_pos, device=x.device) % W
-            recent = torch.cat([cache.window[:, slots].to(kv.dtype), kv], dim=1)
+            recent = torch.cat([self._read(cache.window[:, slots], kv.dtype), kv], dim=1)
         recent_start = start_pos - num_prior
         win_pos = positions[:, None] - W + 1 + torch.arange(W, device=x.device)  # [T, W]
         win_idx = (win_pos - recent_start)[None]
@@ -160,7 +170,7 @@ class Attention(nn.Module):
             entries = (
                 new
                 if cache is None or cache.compressed is None
-                else torch.cat([cache.compressed, new], dim=1)
+                else torch.cat([self._read(cache.compressed, new.dtype), new], dim=1)
             )
             if self.ratio == 4:
                 comp_idx, keys = self.indexer(x, qr, positions, inv_freq, cache, indexer_fp4)
@@ -184,17 +194,27 @@ class Attention(nn.Module):
         o = apply_rope(torch.cat(out, dim=1), cos[:, None], -sin[:, None])  # undo query RoPE
 
         if cache is not None:
-            self._update_cache(cache, kv, positions, entries)
+            self._update_cache(cache, kv, positions, entries, kv_fp8)
         g = self.args.o_groups
         o = o.reshape(B, T, g, H * hd // g)
         wo_a = self.wo_a.weight.view(g, self.args.o_lora_rank, -1)
         o = torch.einsum("btgd,grd->btgr", o, wo_a).flatten(2)
         return self.wo_b(o)
 
-    def _update_cache(self, cache: LayerCache, kv, positions, entries) -> None:
+    def _read(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if stored.dtype == torch.uint8:  # real FP8 entries
+            return unpack_kv_fp8(stored, dtype, self.head_dim, self.rope_dim)
+        return stored.to(dtype)
+
+    def _store(self, kv: torch.Tensor, kv_fp8: bool) -> torch.Tensor:
+        return pack_kv_fp8(kv, self.rope_dim) if kv_fp8 else kv
+
+    def _update_cache(self, cache: LayerCache, kv, positions, entries, kv_fp8: bool) -> None:
         if cache.window is None:
-            cache.window = kv.new_zeros(kv.shape[0], self.window, self.head_dim)
+            width = self._store(kv[:, :1], kv_fp8).shape[-1]
+            dtype = torch.uint8 if kv_fp8 else kv.dtype
+            cache.window = kv.new_zeros(kv.shape[0], self.window, width, dtype=dtype)
         keep = min(kv.shape[1], self.window)
-        cache.window[:, positions[-keep:] % self.window] = kv[:, -keep:]
+        cache.window[:, positions[-keep:] % self.window] = self._store(kv[:, -keep:], kv_fp8)
         if entries is not None:
-            cache.compressed = entries
+            cache.compressed = self._store(entries, kv_fp8)

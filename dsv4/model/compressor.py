@@ -48,8 +48,13 @@ class Compressor(nn.Module):
             first_pos -= state.pending_kv.shape[1]
         n_win = kv.shape[1] // m
         closed = n_win * m
-        win_kv = kv[:, :closed].view(B, n_win, m, -1)  # [B, n_win, m, width]
-        win_score = score[:, :closed].view(B, n_win, m, -1)
+        if state is not None:
+            state.pending_kv, state.pending_score = kv[:, closed:], score[:, closed:]
+        if n_win == 0:
+            return kv.new_zeros(B, 0, hd)
+        width = kv.shape[-1]
+        win_kv = kv[:, :closed].view(B, n_win, m, width)  # [B, n_win, m, width]
+        win_score = score[:, :closed].view(B, n_win, m, width)
         if self.overlap:
             prev_kv = win_kv.new_zeros(B, 1, m, hd)
             prev_score = win_score.new_full((B, 1, m, hd), float("-inf"))
@@ -66,8 +71,6 @@ class Compressor(nn.Module):
         window_starts = first_pos + m * torch.arange(n_win, device=x.device)
         cos, sin = rope_cos_sin(window_starts, inv_freq)
         entries = apply_rope(entries, cos, sin)
-        if state is not None:
-            state.pending_kv, state.pending_score = kv[:, closed:], score[:, closed:]
-            if self.overlap and n_win > 0:
-                state.prev_kv, state.prev_score = win_kv[:, -1, :, :hd], win_score[:, -1, :, :hd]
+        if state is not None and self.overlap:
+            state.prev_kv, state.prev_score = win_kv[:, -1, :, :hd], win_score[:, -1, :, :hd]
         return entries

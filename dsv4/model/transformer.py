@@ -97,6 +97,12 @@ class Transformer(nn.Module):
                 f"indexer_cache_dtype must be one of {INDEXER_CACHE_DTYPES}, "
                 f"got {indexer_cache_dtype!r}"
             )
+        nope_dim = args.head_dim - args.qk_rope_head_dim
+        if kv_cache_dtype == "fp8" and nope_dim % 64:
+            raise ValueError(
+                f"kv_cache_dtype='fp8' needs head_dim - qk_rope_head_dim ({nope_dim}) "
+                "to be a multiple of 64 (the FP8 block); use kv_cache_dtype='auto'"
+            )
         self.args = args
         self.kv_fp8, self.indexer_fp4 = kv_cache_dtype == "fp8", indexer_cache_dtype == "fp4"
         d = args.hidden_size
