@@ -187,6 +187,11 @@ class ModelArgs:
         """A preset name, a model folder, or a config.json path."""
         if str(model) in PRESETS:
             return cls.from_preset(str(model))
+        if not Path(model).exists():
+            raise ValueError(
+                f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor an "
+                "existing model folder or config.json"
+            )
         return cls.from_json(model)
 
     def to_dict(self) -> dict:
