@@ -20,7 +20,7 @@ from dsv4.model.rope import apply_rope, rope_cos_sin
 from dsv4.quant.act import fp4_roundtrip, fp8_roundtrip, hadamard_rotate
 from dsv4.quant.kv import pack_kv_fp8, unpack_kv_fp8
 
-QUERY_CHUNK = 256  # queries per gather; bounds memory at chunk * (window + top-k) * head_dim
+QUERY_CHUNK = 128  # queries per step; bounds memory at chunk * (2 window + top-k) * head_dim
 
 
 def quantize_kv_nope(kv: torch.Tensor, rope_dim: int) -> torch.Tensor:
@@ -36,15 +36,32 @@ def quantize_indexer(x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_attention(
-    q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor, scale: float
+    q: torch.Tensor,
+    groups: list[tuple[torch.Tensor, torch.Tensor]],
+    sink: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
-    """q [B, T, H, D]; keys [B, T, K, D] gathered per query (K = V); valid [B or 1, T, K];
-    sink [H] enters only the softmax denominator. -> [B, T, H, D]."""
-    logits = torch.einsum("bthd,btkd->bthk", q, keys).float() * scale
-    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-    sinks = sink.float().view(1, 1, -1, 1).expand(*logits.shape[:3], 1)
-    probs = torch.softmax(torch.cat([logits, sinks], dim=-1), dim=-1)[..., :-1]
-    return torch.einsum("bthk,btkd->bthd", probs.to(keys.dtype), keys)
+    """Attention of q [B, T, H, D] over several key groups (K = V) with one softmax and a
+    per-head sink [H] that enters only the denominator.
+
+    Each group is (keys, valid): keys [B, K, D] shared by all T queries (a window band, all
+    HCA entries) or [B, T, K, D] gathered per query (the indexer's top-k); valid broadcasts
+    to [B, T, K]. -> [B, T, H, D]."""
+    logits = []
+    for keys, valid in groups:
+        eq = "bthd,btkd->bthk" if keys.dim() == 4 else "bthd,bkd->bthk"
+        scores = torch.einsum(eq, q, keys).float() * scale
+        logits.append(scores.masked_fill(~valid[:, :, None, :], float("-inf")))
+    sinks = sink.float().view(1, 1, -1, 1).expand(*logits[0].shape[:3], 1)
+    probs = torch.softmax(torch.cat([*logits, sinks], dim=-1), dim=-1)
+    out, offset = None, 0
+    for (keys, _), scores in zip(groups, logits):
+        p = probs[..., offset : offset + scores.shape[-1]].to(keys.dtype)
+        offset += scores.shape[-1]
+        eq = "bthk,btkd->bthd" if keys.dim() == 4 else "bthk,bkd->bthd"
+        part = torch.einsum(eq, p, keys)
+        out = part if out is None else out + part
+    return out
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -57,8 +74,12 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def stable_topk(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, ties to the lower index. ReLU makes exact ties (at 0)
     common; resolving them by position keeps the choice independent of how many entries
-    the call happened to see, so chunked, batched and full forwards pick the same entries."""
-    return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
+    the call happened to see, so chunked, batched and full forwards pick the same entries.
+
+    Subtracting index * 1e-300 in float64 separates exact ties and is below the precision of
+    any nonzero float32 score, so it changes nothing else (and costs O(N), unlike a sort)."""
+    index = torch.arange(score.shape[-1], device=score.device, dtype=torch.float64)
+    return (score.double() - index * 1e-300).topk(k, dim=-1).indices
 
 
 class Indexer(nn.Module):
@@ -82,11 +103,11 @@ class Indexer(nn.Module):
         new_keys = self.compressor(x, start_pos, inv_freq, cache and cache.index_compressor)
         if fp4:
             new_keys = quantize_indexer(new_keys)
-        keys = (
-            new_keys
-            if cache is None or cache.index_keys is None
-            else torch.cat([cache.index_keys, new_keys], dim=1)
-        )  # [B, N, dI]
+        keys = new_keys
+        if cache is not None and cache.index_keys is not None:
+            keys = cache.index_keys  # [B, N, dI]
+            if new_keys.shape[1]:  # copy only when a window closed
+                keys = torch.cat([keys, new_keys], dim=1)
         cos, sin = rope_cos_sin(positions, inv_freq)
         q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim).float()
         q = apply_rope(q, cos[:, None], sin[:, None])
@@ -99,8 +120,8 @@ class Indexer(nn.Module):
         chunks = []
         for s in range(0, T, QUERY_CHUNK):
             e = min(s + QUERY_CHUNK, T)
-            relu = torch.relu(torch.einsum("bthd,bnd->bthn", q[:, s:e], keys.float()))
-            score = (relu * w[:, s:e, :, None]).sum(dim=2)  # [B, t, N]
+            relu = torch.relu_(torch.einsum("bthd,bnd->bthn", q[:, s:e], keys.float()))
+            score = torch.einsum("bthn,bth->btn", relu, w[:, s:e])  # [B, t, N]
             future = torch.arange(num_keys, device=x.device) >= visible[s:e, None]
             score = score.masked_fill(future, float("-inf"))
             top = stable_topk(score, k)
@@ -156,45 +177,47 @@ class Attention(nn.Module):
             slots = torch.arange(start_pos - num_prior, start_pos, device=x.device) % W
             recent = torch.cat([self._read(cache.window[:, slots], kv.dtype), kv], dim=1)
         recent_start = start_pos - num_prior
-        win_pos = positions[:, None] - W + 1 + torch.arange(W, device=x.device)  # [T, W]
-        win_idx = (win_pos - recent_start)[None]
-        win_valid = win_pos[None] >= max(recent_start, 0)
 
         # Compressed entries visible to each query: all (HCA) or the indexer's top-k (CSA).
-        comp_idx = comp_valid = entries = None
+        comp_idx = comp_valid = entries = new = None
         if self.ratio:
             new = self.compressor(x, start_pos, inv_freq, cache and cache.compressor)
             if kv_fp8:
                 new = quantize_kv_nope(new, self.rope_dim)
             new = new.to(kv.dtype)
-            entries = (
-                new
-                if cache is None or cache.compressed is None
-                else torch.cat([self._read(cache.compressed, new.dtype), new], dim=1)
-            )
+            entries = new
+            if cache is not None and cache.compressed is not None:
+                entries = self._read(cache.compressed, new.dtype)
+                if new.shape[1]:
+                    entries = torch.cat([entries, new], dim=1)
             if self.ratio == 4:
                 comp_idx, keys = self.indexer(x, qr, positions, inv_freq, cache, indexer_fp4)
                 comp_valid = comp_idx >= 0
                 if cache is not None:
                     cache.index_keys = keys
-            else:
-                comp_idx = torch.arange(entries.shape[1], device=x.device).expand(1, T, -1)
-                comp_valid = comp_idx < ((positions + 1) // self.ratio)[None, :, None]
+            else:  # HCA: every entry whose window closed at or before the query
+                entry = torch.arange(entries.shape[1], device=x.device)
+                comp_valid = (entry < ((positions + 1) // self.ratio)[:, None])[None]
 
         out = []
         for s in range(0, T, QUERY_CHUNK):
             e = min(s + QUERY_CHUNK, T)
-            keys, valid = gather_rows(recent, win_idx[:, s:e]), win_valid[:, s:e]
+            # the window of this query chunk is one contiguous band of `recent`
+            local = positions[s:e] - recent_start  # [t] index of each query in `recent`
+            lo, hi = max(int(local[0]) - W + 1, 0), int(local[-1]) + 1
+            band = torch.arange(lo, hi, device=x.device)
+            in_window = (band[None] <= local[:, None]) & (band[None] > local[:, None] - W)
+            groups = [(recent[:, lo:hi], in_window[None])]
             if entries is not None and entries.shape[1]:
-                keys = torch.cat([keys, gather_rows(entries, comp_idx[:, s:e])], dim=2)
-                valid = torch.cat(
-                    [valid.expand(comp_valid.shape[0], -1, -1), comp_valid[:, s:e]], dim=2
-                )
-            out.append(sparse_attention(q[:, s:e], keys, valid, self.attn_sink, self.scale))
+                if self.ratio == 4:
+                    groups.append((gather_rows(entries, comp_idx[:, s:e]), comp_valid[:, s:e]))
+                else:
+                    groups.append((entries, comp_valid[:, s:e]))
+            out.append(sparse_attention(q[:, s:e], groups, self.attn_sink, self.scale))
         o = apply_rope(torch.cat(out, dim=1), cos[:, None], -sin[:, None])  # undo query RoPE
 
         if cache is not None:
-            self._update_cache(cache, kv, positions, entries, kv_fp8)
+            self._update_cache(cache, kv, positions, new, kv_fp8)
         g = self.args.o_groups
         o = o.reshape(B, T, g, H * hd // g)
         wo_a = self.wo_a.weight.view(g, self.args.o_lora_rank, -1)
@@ -209,12 +232,14 @@ class Attention(nn.Module):
     def _store(self, kv: torch.Tensor, kv_fp8: bool) -> torch.Tensor:
         return pack_kv_fp8(kv, self.rope_dim) if kv_fp8 else kv
 
-    def _update_cache(self, cache: LayerCache, kv, positions, entries, kv_fp8: bool) -> None:
+    def _update_cache(self, cache: LayerCache, kv, positions, new, kv_fp8: bool) -> None:
         if cache.window is None:
             width = self._store(kv[:, :1], kv_fp8).shape[-1]
             dtype = torch.uint8 if kv_fp8 else kv.dtype
             cache.window = kv.new_zeros(kv.shape[0], self.window, width, dtype=dtype)
         keep = min(kv.shape[1], self.window)
         cache.window[:, positions[-keep:] % self.window] = self._store(kv[:, -keep:], kv_fp8)
-        if entries is not None:
-            cache.compressed = self._store(entries, kv_fp8)
+        if new is not None and (cache.compressed is None or new.shape[1]):
+            stored = self._store(new, kv_fp8)
+            old = cache.compressed
+            cache.compressed = stored if old is None else torch.cat([old, stored], dim=1)
