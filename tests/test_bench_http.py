@@ -201,6 +201,17 @@ def test_completions_endpoint_and_poisson_rate(tmp_path, server):
     assert res["config"]["request_rate"] == 40.0
 
 
+def test_duration_mode(tmp_path, server):
+    rc, res = bench(tmp_path, server.url, "--input-len", "2", "--output-len", "2",
+                    "--duration", "0.4", "--concurrency", "2", "--no-plot")
+    assert rc == 0
+    m = res["metrics"]
+    # each request takes about 60 + 15 ms; two at a time for 0.4 s
+    assert 6 <= m["completed"] <= 14 and m["failed"] == 0
+    assert max(r["send_time_s"] for r in res["requests"]) < 0.4
+    assert res["config"]["duration_s"] == 0.4 and res["config"]["num_prompts"] is None
+
+
 def test_failures_are_counted_with_their_errors(tmp_path, server):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps(x) for x in [

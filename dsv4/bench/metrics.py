@@ -4,6 +4,9 @@ The definitions are those of `vllm bench serve` (vllm/benchmarks/serve.py, `calc
 so that numbers from this tool mean the same as the ones vLLM and SGLang publish:
 
 - TTFT: time from sending the request to the first streamed chunk that carries generated text.
+  (vLLM's client starts the clock at the first chunk with any `choices`; vLLM's server sends its
+  role-only chunk together with the first token, so the two agree there, but a server that sends
+  the role chunk before prefill would get a near-zero TTFT from vLLM's client and not from ours.)
 - E2E latency (E2EL): time from sending to the last chunk that carries `choices`.
 - TPOT, per request, excluding the first token: (E2EL - TTFT) / (output_tokens - 1), only for
   requests with more than one output token. For goodput a request with one token has TPOT 0.
