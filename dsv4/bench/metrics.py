@@ -74,12 +74,18 @@ def tpot_s(record: RequestRecord) -> float | None:
 
 
 def parse_slo(text: str | None) -> dict[str, float]:
-    """'ttft_ms=500,tpot_ms=50' -> {'ttft_ms': 500.0, 'tpot_ms': 50.0}."""
+    """'ttft_ms=500,tpot_ms=50' -> {'ttft_ms': 500.0, 'tpot_ms': 50.0}.
+
+    vLLM's `--goodput` spelling, 'ttft:500 tpot:50' (milliseconds), is accepted as well.
+    """
     if not text:
         return {}
     slo: dict[str, float] = {}
-    for part in text.split(","):
-        key, sep, value = part.strip().partition("=")
+    for part in text.replace(",", " ").split():
+        if ":" in part and "=" not in part:  # vLLM style: name:ms
+            name, _, value = part.partition(":")
+            part = f"{name}_ms={value}"
+        key, sep, value = part.partition("=")
         if not sep or key not in SLO_KEYS:
             raise ValueError(
                 f"--slo entry {part!r} is not KEY=MS with KEY one of {', '.join(SLO_KEYS)}; "
