@@ -83,6 +83,8 @@ def test_markdown_report(files):
     assert line.strip().endswith("0.500x |")
     assert "| change vs A (%) | 0.0 | -50.0 |" in md
     assert "hardware bound" not in md  # no prediction given
+    # the synthetic runs asked for 100 and 150 output tokens: not the same workload
+    assert "did not use the same workload" in md and "> - output_len: 100, 150" in md
 
 
 def test_cli_compare_with_prediction(files, tmp_path, capsys):
