@@ -158,9 +158,10 @@ def test_measured_latencies_match_the_script(tmp_path, server):
     m, s = res["metrics"], server.script
     assert (m["completed"], m["failed"]) == (6, 0)
     # scripted: first token 60 ms after the request, then 15 ms apart (sleep can only overshoot)
-    assert s.ttft_s * 1000 <= m["ttft_ms"]["median"] < s.ttft_s * 1000 + 25
-    assert m["itl_ms"]["median"] == pytest.approx(s.itl_s * 1000, abs=5)
-    assert m["tpot_ms"]["median"] == pytest.approx(s.itl_s * 1000, abs=5)
+    # (loose upper margins: server and client share a loaded 2-core machine and one GIL)
+    assert s.ttft_s * 1000 <= m["ttft_ms"]["median"] < s.ttft_s * 1000 + 30
+    assert m["itl_ms"]["median"] == pytest.approx(s.itl_s * 1000, abs=6)
+    assert m["tpot_ms"]["median"] == pytest.approx(s.itl_s * 1000, abs=6)
     assert m["itl_ms"]["n"] == 6 * 11  # pooled: 11 gaps per 12-token request
     # tokens come from usage and equal what the server reported
     assert m["output_tokens_source"] == {"usage": 6}
@@ -199,6 +200,17 @@ def test_completions_endpoint_and_poisson_rate(tmp_path, server):
     sends = sorted(r["send_time_s"] for r in res["requests"])
     assert sends[-1] == pytest.approx(10 / 40, abs=0.06)  # last arrival at num / rate
     assert res["config"]["request_rate"] == 40.0
+
+
+def test_duration_mode(tmp_path, server):
+    rc, res = bench(tmp_path, server.url, "--input-len", "2", "--output-len", "2",
+                    "--duration", "0.4", "--concurrency", "2", "--no-plot")
+    assert rc == 0
+    m = res["metrics"]
+    # each request takes about 60 + 15 ms; two at a time for 0.4 s
+    assert 3 <= m["completed"] <= 14 and m["failed"] == 0
+    assert max(r["send_time_s"] for r in res["requests"]) < 0.4
+    assert res["config"]["duration_s"] == 0.4 and res["config"]["num_prompts"] is None
 
 
 def test_failures_are_counted_with_their_errors(tmp_path, server):

@@ -88,6 +88,7 @@ def test_goodput_uses_vllm_rule(records):
     # a: ttft 100, tpot 73.3 -> good; b: ttft 200 -> bad; c: one token, tpot counts as 0 -> good
     assert m["num_good_requests"] == 2
     assert m["request_goodput_rps"] == pytest.approx(1.0)
+    assert parse_slo("ttft:150 tpot:80") == parse_slo("ttft_ms=150,tpot_ms=80")  # vLLM style
     m = compute_metrics(records, 2.0, slo_ms=parse_slo("e2el_ms=310"))
     assert m["num_good_requests"] == 2  # 300 and 50 ms, not 320 ms
 

@@ -107,7 +107,23 @@ def compare_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                     bound[f"{key[:-3]}_bound_over_measured"] = pred[key] / measured
             run["bound"] = {"prediction": pred, **bound}
         runs.append(run)
-    return {"baseline": labels[0], "runs": runs}
+    return {"baseline": labels[0], "runs": runs, "workload_differences": _differences(results)}
+
+
+WORKLOAD_KEYS = ("endpoint", "dataset", "dataset_path", "input_len", "output_len", "range_ratio",
+                 "num_prompts", "duration_s", "concurrency", "request_rate", "burstiness",
+                 "ignore_eos", "seed")
+
+
+def _differences(results: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Workload settings that are not the same in every run: a hardware comparison is only fair
+    when these match, so the report says so loudly."""
+    diffs = {}
+    for key in WORKLOAD_KEYS:
+        values = [r["config"].get(key) for r in results]
+        if any(v != values[0] for v in values):
+            diffs[key] = values
+    return diffs
 
 
 def _f(value: float | None, digits: int = 2) -> str:
@@ -123,6 +139,14 @@ def render_markdown(comparison: dict[str, Any]) -> str:
     base_label = comparison["baseline"]
     others = runs[1:]
     lines = [f"# Benchmark comparison (baseline A = {base_label})", ""]
+
+    diffs = comparison.get("workload_differences") or {}
+    if diffs:
+        lines += ["> **Warning: the runs did not use the same workload**, so the ratios mix "
+                  "hardware with workload:", ">"]
+        for key, values in diffs.items():
+            lines.append(f"> - {key}: " + ", ".join(str(v) for v in values))
+        lines.append("")
 
     head = "| | " + " | ".join(r["label"] for r in runs) + " |"
     sep = "|---|" + "---:|" * len(runs)

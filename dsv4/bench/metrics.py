@@ -4,6 +4,9 @@ The definitions are those of `vllm bench serve` (vllm/benchmarks/serve.py, `calc
 so that numbers from this tool mean the same as the ones vLLM and SGLang publish:
 
 - TTFT: time from sending the request to the first streamed chunk that carries generated text.
+  (vLLM's client starts the clock at the first chunk with any `choices`; vLLM's server sends its
+  role-only chunk together with the first token, so the two agree there, but a server that sends
+  the role chunk before prefill would get a near-zero TTFT from vLLM's client and not from ours.)
 - E2E latency (E2EL): time from sending to the last chunk that carries `choices`.
 - TPOT, per request, excluding the first token: (E2EL - TTFT) / (output_tokens - 1), only for
   requests with more than one output token. For goodput a request with one token has TPOT 0.
@@ -71,12 +74,18 @@ def tpot_s(record: RequestRecord) -> float | None:
 
 
 def parse_slo(text: str | None) -> dict[str, float]:
-    """'ttft_ms=500,tpot_ms=50' -> {'ttft_ms': 500.0, 'tpot_ms': 50.0}."""
+    """'ttft_ms=500,tpot_ms=50' -> {'ttft_ms': 500.0, 'tpot_ms': 50.0}.
+
+    vLLM's `--goodput` spelling, 'ttft:500 tpot:50' (milliseconds), is accepted as well.
+    """
     if not text:
         return {}
     slo: dict[str, float] = {}
-    for part in text.split(","):
-        key, sep, value = part.strip().partition("=")
+    for part in text.replace(",", " ").split():
+        if ":" in part and "=" not in part:  # vLLM style: name:ms
+            name, _, value = part.partition(":")
+            part = f"{name}_ms={value}"
+        key, sep, value = part.partition("=")
         if not sep or key not in SLO_KEYS:
             raise ValueError(
                 f"--slo entry {part!r} is not KEY=MS with KEY one of {', '.join(SLO_KEYS)}; "
