@@ -13,9 +13,9 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+from dsv4.chat.detokenizer import IncrementalDetokenizer
 from dsv4.engine.batch import build_batch
 from dsv4.engine.block_manager import BlockManager
-from dsv4.engine.detokenizer import IncrementalDetokenizer
 from dsv4.engine.request import (
     CompletionOutput,
     Request,

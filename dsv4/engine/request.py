@@ -6,7 +6,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-from dsv4.engine.detokenizer import IncrementalDetokenizer
+from dsv4.chat.detokenizer import IncrementalDetokenizer
 from dsv4.engine.sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dsv4.engine.detokenizer import IncrementalDetokenizer
+from dsv4.chat.detokenizer import IncrementalDetokenizer
 from dsv4.engine.request import Request
 from dsv4.engine.sampling_params import SamplingParams
 
