@@ -207,3 +207,29 @@ def test_unknown_tool_is_noted_but_kept():
 def test_reasoning_then_content_events_are_typed():
     events = stream("a</think>b", None, "thinking")
     assert [type(e) for e in events] == [ReasoningDelta, ContentDelta, Finished]
+
+
+def test_streaming_one_token_at_a_time_matches_one_shot():
+    """Deltas cut where a byte-level BPE trained on the completions cuts them (special tokens
+    and DSML markers are single tokens, as in the released tokenizer)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from dsv4.chat.tokens import SPECIAL_TOKENS
+
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        [c["completion"] for c in PARSE],
+        trainers.BpeTrainer(vocab_size=500, special_tokens=SPECIAL_TOKENS,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    for case in PARSE:
+        text, mode = case["completion"], case["options"]["thinking_mode"]
+        ids = bpe.encode(text).ids
+        assert len(ids) > 5
+        pieces = [bpe.decode([i], skip_special_tokens=False) for i in ids]
+        assert "".join(pieces) == text
+        events = stream(text, pieces, mode)
+        assert message(events) == message(stream(text, None, mode))
+        assert_no_markup(events)
