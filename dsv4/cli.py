@@ -10,6 +10,7 @@ import sys
 # subcommand -> (module that defines `add_arguments(parser)` and `run(args)`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("dsv4.model.info", "parameters, formats and memory of a V4 model or preset"),
+    "plan": ("dsv4.plan.cli", "capacity and cost model: does it fit, how fast at best, cost"),
     "bench": ("dsv4.bench.cli", "load-test any OpenAI-compatible endpoint; sweep; compare runs"),
 }
 
