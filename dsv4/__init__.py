@@ -4,21 +4,21 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load_model", "ModelArgs", "SamplingParams", "__version__"]
+__all__ = ["LLM", "ModelArgs", "SamplingParams", "__version__", "load_model"]
+
+# name -> module that defines it; imported on first use so that `import dsv4` (and the
+# planner, which must not import torch) stays light
+_LAZY = {
+    "load_model": "dsv4.model.loader",
+    "ModelArgs": "dsv4.model.config",
+    "LLM": "dsv4.engine.llm",
+    "SamplingParams": "dsv4.engine.sampling_params",
+}
 
 
 def __getattr__(name: str):
-    # Lazy so that `import dsv4` (and the planner, which must not import torch) stays light.
-    if name == "load_model":
-        from dsv4.model.loader import load_model
+    if name in _LAZY:
+        import importlib
 
-        return load_model
-    if name == "ModelArgs":
-        from dsv4.model.config import ModelArgs
-
-        return ModelArgs
-    if name == "SamplingParams":
-        from dsv4.engine.sampling_params import SamplingParams
-
-        return SamplingParams
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dsv4' has no attribute {name!r}")

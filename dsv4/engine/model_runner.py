@@ -1,0 +1,165 @@
+"""The V4 model runner: dsv4.model's weights over a ragged batch and the paged hybrid cache.
+
+Embeddings, hyper-connections, norms, MoE and the head are the model's own modules (they act
+per token, so the flat ragged batch is just a [1, T] sequence to them). Attention is the
+model's math (dsv4.model.attention) with keys read from the paged pools instead of a
+contiguous cache: window rings, compressor rings, compressed-entry and indexer-key blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.engine.batch import RaggedBatch
+from dsv4.engine.config import EngineConfig
+from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout, plan_layout
+from dsv4.engine.paged_ops import (
+    compressed_visibility,
+    gather_compressed,
+    ring_context,
+    write_compressed,
+    write_ring,
+)
+from dsv4.engine.runner import ModelRunner
+from dsv4.model.attention import Attention, quantize_indexer, quantize_kv_nope, stable_topk
+from dsv4.model.compressor import Compressor
+from dsv4.model.hyper import hc_post
+from dsv4.model.norm import rms_normalize
+from dsv4.model.rope import apply_rope, rope_cos_sin
+from dsv4.model.transformer import Transformer
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+                "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+
+
+class V4ModelRunner(ModelRunner):
+    def __init__(self, model: Transformer, layout: KVCacheLayout, max_model_len: int):
+        self.model = model
+        self.layout = layout
+        self.max_model_len = max_model_len
+        self.vocab_size = model.args.vocab_size
+        self.eos_token_id = model.args.eos_token_id
+        self.fp8 = layout.spec.kv_cache_dtype == "fp8"
+        self.device = model.embed.weight.device
+        self.dtype = model.embed.weight.dtype
+        self.pools = {
+            name: torch.zeros(shape, device=self.device,
+                              dtype=dtype if dtype in (torch.uint8, torch.float32) else self.dtype)
+            for name, (shape, dtype) in layout.pool_shapes().items()
+        }
+
+    @classmethod
+    def from_pretrained(cls, path, device: str | None = None,
+                        dtype: str | torch.dtype | None = None,
+                        config: EngineConfig | None = None) -> V4ModelRunner:
+        from dsv4.model.loader import load_model
+
+        config = config or EngineConfig()
+        if isinstance(dtype, str):
+            if dtype not in TORCH_DTYPES:
+                raise ValueError(f"dtype {dtype!r} is not supported; use one of "
+                                 f"{sorted(TORCH_DTYPES)}")
+            dtype = TORCH_DTYPES[dtype]
+        kv = "fp8" if config.kv_cache_dtype == "fp8" else "auto"
+        model = load_model(path, device=device, dtype=dtype or torch.bfloat16, kv_cache_dtype=kv)
+        return cls.for_model(model, config)
+
+    @classmethod
+    def for_model(cls, model: Transformer, config: EngineConfig) -> V4ModelRunner:
+        spec = CacheSpec.from_config(model.args, config.kv_cache_dtype)
+        max_len = config.max_model_len or model.args.max_position_embeddings
+        layout = plan_layout(spec, config.kv_cache_memory_bytes, config.max_num_seqs,
+                             reference_seq_len=min(config.reference_seq_len, max_len),
+                             block_size=config.block_size)
+        return cls(model, layout, min(max_len, layout.max_tokens_per_seq))
+
+    # ------------------------------------------------------------------ forward
+
+    @torch.inference_mode()
+    def execute_model(self, batch: RaggedBatch) -> torch.Tensor:
+        batch = batch.to(self.device)
+        m = self.model
+        ids = batch.input_ids[None]  # [1, T]: the ragged batch as one flat row
+        x = m.embed(ids)[:, :, None, :].expand(-1, -1, m.args.hc_mult, -1).contiguous()
+        for i, layer in enumerate(m.layers):
+            h, post, comb = layer._pre(x, "attn")
+            out = self._attention(i, layer.attn, layer.attn_norm(h), batch)
+            x = hc_post(out, x, post, comb)
+            h, post, comb = layer._pre(x, "ffn")
+            x = hc_post(layer.ffn(layer.ffn_norm(h), ids), x, post, comb)
+        return m._head(x, m, m.norm)[0, batch.logits_indices]  # [S, vocab] fp32
+
+    def _compress(self, comp: Compressor, x, batch: RaggedBatch, inv_freq, state: str,
+                  pool: str, quantize) -> None:
+        """Pool each window that closes in this batch and write its entry."""
+        ratio, dim = comp.ratio, comp.head_dim
+        pos = batch.positions
+        xf = x[0].float()
+        kv = xf @ comp.wkv.weight.float().T  # [T, (1 + overlap) * dim]
+        score = xf @ comp.wgate.weight.float().T + comp.ape.float()[pos % ratio]
+        idx = (batch.compressed_slot_mapping[ratio] >= 0).nonzero().squeeze(1)
+        rows_kv, ok = ring_context(self.pools[f"{state}_kv"], kv, batch, idx)  # [E, R, C]
+        rows_score, _ = ring_context(self.pools[f"{state}_score"], score, batch, idx)
+        write_ring(self.pools[f"{state}_kv"], kv, batch)
+        write_ring(self.pools[f"{state}_score"], score, batch)
+        if comp.overlap:  # the previous window's Ca rows, then this window's Cb rows
+            rows_kv = torch.cat([rows_kv[:, :ratio, :dim], rows_kv[:, ratio:, dim:]], dim=1)
+            rows_score = torch.cat([rows_score[:, :ratio, :dim], rows_score[:, ratio:, dim:]],
+                                   dim=1)
+        rows_score = rows_score.masked_fill(~ok[..., None], float("-inf"))
+        pooled = comp.norm((rows_kv * rows_score.softmax(dim=1)).sum(dim=1))  # [E, dim]
+        cos, sin = rope_cos_sin(pos[idx] - ratio + 1, inv_freq)  # each window's first position
+        pooled = quantize(apply_rope(pooled, cos, sin))
+        fp8 = self.fp8 and pool.endswith("compressed_kv")
+        write_compressed(self.pools[pool], batch.compressed_slot_mapping[ratio], pooled, fp8=fp8)
+
+    def _attention(self, i: int, attn: Attention, x: torch.Tensor,
+                   batch: RaggedBatch) -> torch.Tensor:
+        m, T = self.model, batch.num_tokens
+        H, hd, ratio = attn.n_heads, attn.head_dim, attn.ratio
+        inv_freq = m._inv_freq(ratio)
+        cos, sin = rope_cos_sin(batch.positions, inv_freq)  # [T, rd/2]
+        qr = attn.q_norm(attn.wq_a(x))  # [1, T, q_lora]
+        q = rms_normalize(attn.wq_b(qr).view(T, H, hd), attn.eps).to(x.dtype)
+        q = apply_rope(q, cos[:, None], sin[:, None])  # [T, H, hd]
+        kv = apply_rope(attn.kv_norm(attn.wkv(x))[0], cos, sin)  # [T, hd]
+        keep_kv = (lambda t: quantize_kv_nope(t, attn.rope_dim)) if m.kv_fp8 else (lambda t: t)
+        kv = keep_kv(kv)
+        keys, ok = ring_context(self.pools[f"{i}.window_kv"], kv, batch, fp8=self.fp8)
+        write_ring(self.pools[f"{i}.window_kv"], kv, batch, fp8=self.fp8)
+        if ratio:
+            self._compress(attn.compressor, x, batch, inv_freq, f"{i}.compressor",
+                           f"{i}.compressed_kv", lambda t: keep_kv(t.to(kv.dtype)))
+            bs = self.layout.block_size
+            entries, _ = gather_compressed(self.pools[f"{i}.compressed_kv"], batch, ratio, bs,
+                                           fp8=self.fp8)
+            entries = entries.to(kv.dtype)
+            visible = compressed_visibility(batch, ratio, entries.shape[1])  # [T, E]
+            if ratio == 4:  # the indexer's compressor advances on every token
+                idx = attn.indexer
+                to_key = quantize_indexer if m.indexer_fp4 else (lambda t: t)
+                self._compress(idx.compressor, x, batch, inv_freq, f"{i}.index_compressor",
+                               f"{i}.index_keys", to_key)
+                if entries.shape[1]:
+                    ikeys, _ = gather_compressed(self.pools[f"{i}.index_keys"], batch, 4, bs)
+                    qi = idx.wq_b(qr).view(T, idx.n_heads, idx.head_dim).float()
+                    qi = to_key(apply_rope(qi, cos[:, None], sin[:, None]))
+                    scores = torch.relu_(torch.einsum("thd,ted->the", qi,
+                                                      ikeys.float()[batch.seq_index]))
+                    w = idx.weights_proj(x)[0].float() * (idx.head_dim**-0.5 * idx.n_heads**-0.5)
+                    scores = torch.einsum("the,th->te", scores, w)  # [T, E]
+                    scores = scores.masked_fill(~visible, float("-inf"))
+                    top = stable_topk(scores, min(idx.topk, scores.shape[1]))
+                    visible = visible & torch.zeros_like(visible).scatter_(1, top, True)
+            keys = torch.cat([keys, entries[batch.seq_index]], dim=1)  # [T, W + E, hd]
+            ok = torch.cat([ok, visible], dim=1)
+        logits = torch.einsum("thd,tkd->thk", q, keys).float() * attn.scale
+        logits = logits.masked_fill(~ok[:, None, :], float("-inf"))
+        sink = attn.attn_sink.float().view(1, H, 1).expand(T, -1, -1)
+        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+        out = torch.einsum("thk,tkd->thd", probs.to(keys.dtype), keys)  # V = K
+        out = apply_rope(out, cos[:, None], -sin[:, None])  # undo the query rotation
+        g = m.args.o_groups
+        wo_a = attn.wo_a.weight.view(g, m.args.o_lora_rank, -1)
+        out = torch.einsum("tgd,grd->tgr", out.reshape(T, g, -1), wo_a).flatten(1)
+        return attn.wo_b(out)[None]  # [1, T, D]
