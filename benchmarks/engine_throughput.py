@@ -1,0 +1,87 @@
+"""Output tokens/s of the engine at 1, 8 and 32 concurrent requests on a small V4 config, and
+of transformers' `generate` on the same weights, in the same process.
+
+Targets (engine issue): 32 concurrent requests reach at least 8x the single-request
+throughput, and a single request decodes at least 2x faster than transformers.
+Prints a table, then one JSON line.
+
+    python benchmarks/engine_throughput.py [--prompt-len 256 --output-len 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_cpu import SMALL  # noqa: E402
+from v4_oracle import hf_model, released_state_dict, tiny_args  # noqa: E402
+
+from dsv4.checkpoint.writer import write_checkpoint  # noqa: E402
+from dsv4.engine.llm import LLM  # noqa: E402
+from dsv4.engine.sampling_params import SamplingParams  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,8,32")
+    opts = parser.parse_args()
+    args = tiny_args(**SMALL)
+    hf = hf_model(args)
+    g = torch.Generator().manual_seed(0)
+    levels = [int(c) for c in opts.concurrency.split(",")]
+    prompts = [torch.randint(2, args.vocab_size, (opts.prompt_len,), generator=g).tolist()
+               for _ in range(max(levels))]
+    params = SamplingParams(temperature=0, max_tokens=opts.output_len, ignore_eos=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(released_state_dict(hf, args), tmp, config=args.to_dict())
+        llm = LLM(model=tmp, device="cpu", dtype="fp32", max_num_seqs=max(levels),
+                  max_num_batched_tokens=2048, kv_cache_memory_bytes=256 << 20)
+        llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+        for c in levels:
+            start = time.perf_counter()
+            outs = llm.generate(prompts[:c], params)
+            elapsed = time.perf_counter() - start
+            tokens = sum(len(o.token_ids) for o in outs)
+            rows.append({"system": "dsv4 engine", "concurrency": c, "output_tokens": tokens,
+                         "seconds": elapsed, "output_tok_s": tokens / elapsed})
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor(prompts[:1]), max_new_tokens=opts.output_len,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+    elapsed = time.perf_counter() - start
+    hf_tokens = out.shape[1] - opts.prompt_len
+    rows.append({"system": "transformers generate", "concurrency": 1, "output_tokens": hf_tokens,
+                 "seconds": elapsed, "output_tok_s": hf_tokens / elapsed})
+
+    single = next(r for r in rows if r["system"] == "dsv4 engine" and r["concurrency"] == 1)
+    hf_row = rows[-1]
+    print(f"{'system':<22} {'concurrency':>11} {'tokens':>7} {'seconds':>8} {'tok/s':>8} "
+          f"{'vs 1 req':>8}")
+    for r in rows:
+        scale = r["output_tok_s"] / single["output_tok_s"]
+        print(f"{r['system']:<22} {r['concurrency']:>11} {r['output_tokens']:>7} "
+              f"{r['seconds']:>8.2f} {r['output_tok_s']:>8.1f} {scale:>7.2f}x")
+    best = max(r["output_tok_s"] for r in rows if r["system"] == "dsv4 engine")
+    summary = {"scaling_at_max_concurrency": best / single["output_tok_s"],
+               "single_request_vs_transformers": single["output_tok_s"] / hf_row["output_tok_s"]}
+    print(f"engine at {max(levels)} requests: {summary['scaling_at_max_concurrency']:.1f}x one "
+          f"request; one request vs transformers: "
+          f"{summary['single_request_vs_transformers']:.2f}x")
+    print(json.dumps({"benchmark": "engine_throughput", "prompt_len": opts.prompt_len,
+                      "output_len": opts.output_len, "config": SMALL, "rows": rows, **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
