@@ -39,7 +39,8 @@ def ring_context(
 
     ring: [num_slots, R, C] (or [.., 584] uint8 if fp8); fresh: [T, C], this step's rows in
     batch order; token_idx: [N] indices into the T tokens (default: all).
-    Returns values [N, R, C] (fresh's dtype) and valid [N, R] (False for positions < 0).
+    Returns values [N, R, C] (fresh's dtype) and valid [N, R] (False for positions < 0,
+    whose values are finite but meaningless).
     """
     num_ring_rows = ring.shape[1]
     if token_idx is None:
@@ -56,9 +57,15 @@ def ring_context(
         0, max(fresh.shape[0] - 1, 0)
     )
     ring_flat = ring.reshape(-1, *ring.shape[2:])
-    ring_vals = _rows_out(ring_flat[ring_rows], fp8).to(fresh.dtype)
-    vals = torch.where(from_ring[..., None], ring_vals, fresh[fresh_rows])  # [N, R, C]
-    vals = vals.masked_fill(~valid[..., None], 0)
+    if fp8:  # unpack only the ring rows that are read
+        ring_vals = _rows_out(ring_flat[ring_rows], fp8).to(fresh.dtype)
+        vals = torch.where(from_ring[..., None], ring_vals, fresh[fresh_rows])  # [N, R, C]
+    else:  # one gather from [ring rows; fresh rows]
+        source = torch.cat([ring_flat.to(fresh.dtype), fresh], dim=0)
+        rows = torch.where(from_ring, ring_rows, ring_flat.shape[0] + fresh_rows)
+        vals = source[rows]  # [N, R, C]
+    # rows of invalid positions (before the sequence start) hold finite junk: callers mask
+    # them through `valid` (attention logits, compressor scores)
     return vals, valid
 
 
