@@ -15,7 +15,7 @@ import transformers
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb
 
 from dsv4.engine.batch import RaggedBatch
-from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout, fp8_pack_entries, fp8_unpack_entries
+from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout
 from dsv4.engine.paged_ops import (
     compressed_visibility,
     gather_compressed,
@@ -24,6 +24,7 @@ from dsv4.engine.paged_ops import (
     write_ring,
 )
 from dsv4.engine.runner import ModelRunner
+from dsv4.quant.kv import pack_kv_fp8, unpack_kv_fp8
 
 VOCAB, WINDOW, HEAD_DIM = 256, 8, 64
 RATIOS = (0, 4, 128, 4)
@@ -122,7 +123,7 @@ class HFPagedRunner(ModelRunner):
         """KV entries as the fp8 format holds them, so fresh and cached entries agree."""
         if not self.quantize_kv:
             return kv
-        return fp8_unpack_entries(fp8_pack_entries(kv)).to(kv.dtype)
+        return unpack_kv_fp8(pack_kv_fp8(kv)).to(kv.dtype)
 
     def _rope(self, x: torch.Tensor, batch: RaggedBatch, kind: str):
         return self.model.model.rotary_emb(x, position_ids=batch.positions[None], layer_type=kind)

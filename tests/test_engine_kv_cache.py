@@ -13,13 +13,12 @@ from dsv4.engine.kv_cache import (
     CacheSpec,
     KVCacheLayout,
     compressed_slot_mapping,
-    fp8_pack_entries,
-    fp8_unpack_entries,
     plan_layout,
     window_slot_mapping,
 )
 from dsv4.engine.request import Request
 from dsv4.engine.sampling_params import SamplingParams
+from dsv4.quant.kv import pack_kv_fp8, unpack_kv_fp8
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 TINY = CacheSpec(num_hidden_layers=4, compress_ratios=(0, 4, 128, 4))
@@ -92,9 +91,9 @@ def test_slot_mappings():
 def test_fp8_entries_round_trip():
     torch.manual_seed(0)
     kv = torch.randn(4, 3, 512) * torch.logspace(-3, 2, 3)[None, :, None]
-    packed = fp8_pack_entries(kv)
+    packed = pack_kv_fp8(kv)
     assert packed.dtype == torch.uint8 and packed.shape == (4, 3, 584)
-    back = fp8_unpack_entries(packed).float()
+    back = unpack_kv_fp8(packed).float()
     # RoPE dims are stored bf16, exactly as a bf16 cast
     assert torch.equal(back[..., 448:], kv[..., 448:].bfloat16().float())
     # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 of each 64-block's max

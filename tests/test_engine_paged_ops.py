@@ -12,7 +12,7 @@ import torch
 
 from dsv4.engine.batch import build_batch
 from dsv4.engine.block_manager import BlockManager
-from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout, fp8_pack_entries, fp8_unpack_entries
+from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout
 from dsv4.engine.paged_ops import (
     compressed_visibility,
     gather_compressed,
@@ -23,6 +23,7 @@ from dsv4.engine.paged_ops import (
 from dsv4.engine.request import Request
 from dsv4.engine.sampling_params import SamplingParams
 from dsv4.engine.scheduler import Scheduler
+from dsv4.quant.kv import pack_kv_fp8, unpack_kv_fp8
 
 WINDOW = 8
 MAX_LEN = 400
@@ -44,8 +45,8 @@ def _run(prompt_lens, budget, fp8=False, num_blocks=16, max_tokens=3):
     comp = torch.randn(n, MAX_LEN // 4, DIM)  # compressed entry of (request, entry index)
     kvc = torch.randn(n, MAX_LEN, 2 * DIM)  # compressor input row (overlap: 2 x DIM channels)
     if fp8:  # compare against what the fp8 format can represent
-        kv = fp8_unpack_entries(fp8_pack_entries(kv)).float()
-        comp = fp8_unpack_entries(fp8_pack_entries(comp)).float()
+        kv = unpack_kv_fp8(pack_kv_fp8(kv)).float()
+        comp = unpack_kv_fp8(pack_kv_fp8(comp)).float()
     layout = KVCacheLayout(SPEC, block_size=128, num_blocks=num_blocks, num_state_slots=n)
     sched = Scheduler(BlockManager(layout), n, budget, MAX_LEN)
     reqs = [

@@ -38,33 +38,9 @@ from typing import Any
 
 import torch
 
+from dsv4.plan.kv import index_key_bytes, kv_entry_bytes
+
 KV_CACHE_DTYPES = ("bf16", "fp8")
-FP8_BLOCK = 64  # channels per ue8m0 scale in the fp8 entry format
-FP8_E4M3_MAX = 448.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Byte sizes of one cache entry. The planner (`dsv4/plan/`) owns the bytes-per-token formulas of
-# the project; these two functions are the engine's only copy of the entry sizes and will be
-# replaced by an import from the planner as soon as its module is merged.
-def kv_entry_bytes(head_dim: int, rope_head_dim: int, kv_cache_dtype: str) -> int:
-    """Bytes of one 512-channel KV entry (window or compressed) in the cache."""
-    if kv_cache_dtype == "bf16":
-        return head_dim * 2
-    nope = head_dim - rope_head_dim
-    num_scales = nope // FP8_BLOCK
-    raw = nope + rope_head_dim * 2 + num_scales
-    return -(-raw // 8) * 8  # pad to 8 bytes: 448 + 128 + 7 -> 584
-
-
-def index_key_bytes(index_head_dim: int, kv_cache_dtype: str) -> int:
-    """Bytes of one indexer key. Kept bf16 in both modes (the fp8 format covers KV entries)."""
-    return index_head_dim * 2
-
-
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class CacheSpec:
     """What the cache needs to know of the model (field names as in the released config)."""
@@ -126,7 +102,7 @@ class CacheSpec:
 
     @property
     def index_key_bytes(self) -> int:
-        return index_key_bytes(self.index_head_dim, self.kv_cache_dtype)
+        return int(index_key_bytes(self.index_head_dim, "bf16"))  # keys stay bf16 in both modes
 
     def compressor_state_rows(self, ratio: int) -> tuple[int, int]:
         """(rows, channels) of one compressor's open-window buffer; ratio 4 overlaps (x2)."""
@@ -288,42 +264,3 @@ def compressed_slot_mapping(
 
 
 # --- the fp8 entry format (real storage for kv_cache_dtype="fp8") -----------------------------
-
-
-def fp8_pack_entries(kv: torch.Tensor, rope_head_dim: int = 64) -> torch.Tensor:
-    """[..., 512] float -> [..., 584] uint8: e4m3 non-RoPE dims, bf16 RoPE dims, ue8m0 scales.
-
-    Each block of 64 non-RoPE channels gets the power-of-two scale 2^ceil(log2(amax / 448)),
-    stored as its biased exponent byte (ue8m0), as the reference does in its QAT forward pass.
-    """
-    head_dim = kv.shape[-1]
-    nope_dim = head_dim - rope_head_dim
-    lead = kv.shape[:-1]
-    nope = kv[..., :nope_dim].float().reshape(*lead, nope_dim // FP8_BLOCK, FP8_BLOCK)
-    amax = nope.abs().amax(dim=-1).clamp(min=1e-4)  # [..., 7]
-    exponent = torch.ceil(torch.log2(amax / FP8_E4M3_MAX))
-    q = (nope / torch.exp2(exponent)[..., None]).to(torch.float8_e4m3fn)
-    out = torch.zeros(
-        *lead, kv_entry_bytes(head_dim, rope_head_dim, "fp8"), dtype=torch.uint8, device=kv.device
-    )
-    out[..., :nope_dim] = q.reshape(*lead, nope_dim).view(torch.uint8)
-    rope_end = nope_dim + 2 * rope_head_dim
-    rope = kv[..., nope_dim:].to(torch.bfloat16).contiguous()
-    out[..., nope_dim:rope_end] = rope.view(torch.uint8)
-    out[..., rope_end : rope_end + exponent.shape[-1]] = (exponent + 127).to(torch.uint8)
-    return out
-
-
-def fp8_unpack_entries(
-    packed: torch.Tensor, head_dim: int = 512, rope_head_dim: int = 64
-) -> torch.Tensor:
-    """[..., 584] uint8 -> [..., 512] bf16, inverse of fp8_pack_entries (up to e4m3 rounding)."""
-    nope_dim = head_dim - rope_head_dim
-    lead = packed.shape[:-1]
-    num_scales = nope_dim // FP8_BLOCK
-    rope_end = nope_dim + 2 * rope_head_dim
-    q = packed[..., :nope_dim].contiguous().view(torch.float8_e4m3fn).float()
-    exponent = packed[..., rope_end : rope_end + num_scales].float() - 127
-    nope = q.reshape(*lead, num_scales, FP8_BLOCK) * torch.exp2(exponent)[..., None]
-    rope = packed[..., nope_dim:rope_end].contiguous().view(torch.bfloat16)
-    return torch.cat([nope.reshape(*lead, nope_dim).to(torch.bfloat16), rope], dim=-1)

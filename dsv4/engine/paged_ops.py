@@ -21,11 +21,11 @@ from __future__ import annotations
 import torch
 
 from dsv4.engine.batch import RaggedBatch
-from dsv4.engine.kv_cache import fp8_pack_entries, fp8_unpack_entries
+from dsv4.quant.kv import pack_kv_fp8, unpack_kv_fp8
 
 
 def _rows_out(pool_rows: torch.Tensor, fp8: bool) -> torch.Tensor:
-    return fp8_unpack_entries(pool_rows) if fp8 else pool_rows
+    return unpack_kv_fp8(pool_rows) if fp8 else pool_rows
 
 
 def ring_context(
@@ -77,7 +77,7 @@ def write_ring(ring: torch.Tensor, fresh: torch.Tensor, batch: RaggedBatch, fp8:
     rows = batch.state_slots[batch.seq_index] * num_ring_rows + batch.positions % num_ring_rows
     values = fresh[keep]
     if fp8:
-        values = fp8_pack_entries(values)
+        values = pack_kv_fp8(values)
     ring.view(-1, *ring.shape[2:])[rows[keep]] = values.to(ring.dtype)
 
 
@@ -88,7 +88,7 @@ def write_compressed(
     that close no entry; entries: [E, C], one per token with slot >= 0, in token order."""
     rows = slot_mapping[slot_mapping >= 0]
     if fp8:
-        entries = fp8_pack_entries(entries)
+        entries = pack_kv_fp8(entries)
     pool.view(-1, *pool.shape[2:])[rows] = entries.to(pool.dtype)
 
 
