@@ -56,8 +56,12 @@ def load_model(
         raise FileNotFoundError(f"model path {path} does not exist")
     platform = get_platform(device)
     args = ModelArgs.from_json(path)
-    kv_cache_dtype = kv_cache_dtype or ("fp8" if args.is_quantized else "auto")
-    indexer_cache_dtype = indexer_cache_dtype or ("fp4" if args.is_quantized else "auto")
+    # (small models whose dims do not fit the FP8 / Hadamard blocks run unquantised)
+    fp8_ok = (args.head_dim - args.qk_rope_head_dim) % 64 == 0
+    fp4_ok = args.index_head_dim & (args.index_head_dim - 1) == 0 and args.index_head_dim >= 32
+    kv_cache_dtype = kv_cache_dtype or ("fp8" if args.is_quantized and fp8_ok else "auto")
+    indexer_cache_dtype = indexer_cache_dtype or (
+        "fp4" if args.is_quantized and fp4_ok else "auto")
     model = build_model(args, "meta", kv_cache_dtype, indexer_cache_dtype)
     reader = CheckpointReader(path)
     target = platform.device()

@@ -1,0 +1,221 @@
+"""Train a small V4-architecture model on the synthetic corpus (how dsv4-tiny is made).
+
+Next-token loss on assistant tokens only, plus the MTP head's loss on the token after next;
+Muon for matrices and AdamW for the rest; auxiliary-loss-free load balancing (each scored MoE
+layer's selection bias moves towards under-used experts after every step); the hash layers'
+token -> experts table fixed at initialisation. Saves in the released layout, FP8 linears and
+FP4 experts included, with the tokenizer next to the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dsv4.chat import Tokenizer, encode_messages
+from dsv4.checkpoint.writer import write_checkpoint
+from dsv4.model.config import ModelArgs
+from dsv4.model.moe import Gate
+from dsv4.model.transformer import Transformer
+from dsv4.train.data import Example, generate_examples
+from dsv4.train.muon import Muon, split_parameters
+from dsv4.train.tokenizer import save_tokenizer, train_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 0.02  # Muon
+    adamw_lr: float = 3e-3
+    warmup_steps: int = 50
+    mtp_weight: float = 0.3
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing step
+    num_examples: int = 20000
+    vocab_size: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "num_examples", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def render(example: Example, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """Token ids of a whole conversation and a mask of its targets: the assistant turns after
+    the last user message (earlier turns are context, rendered as a later prompt shows them,
+    without their reasoning)."""
+    messages, mode = example.messages, example.thinking_mode
+    full = encode_messages(messages, mode)
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    ids: list[int] = []
+    mask: list[bool] = []
+    cursor = 0
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant" or i < last_user:
+            continue
+        start = len(encode_messages(messages[:i], mode))  # ends with <Assistant><think>|</think>
+        end = len(encode_messages(messages[: i + 1], mode))
+        if full[:end] != encode_messages(messages[: i + 1], mode):
+            raise ValueError("assistant turn renders differently inside the conversation")
+        for text, target in ((full[cursor:start], False), (full[start:end], True)):  # noqa: B007
+            piece = tokenizer.encode(text) if text else []
+            ids += piece
+            mask += [target] * len(piece)
+        cursor = end
+    return ids, mask
+
+
+def init_weights(model: Transformer, seed: int) -> None:
+    """Small random init; norms and hyper-connection scales at 1; tid2eid a fixed, balanced
+    random table (hash routing is not learned)."""
+    g = torch.Generator().manual_seed(seed)
+    args = model.args
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("_scale"):
+                p.fill_(1.0)
+            elif name.endswith(("_base", "attn_sink", ".ape", "gate.bias")):
+                p.zero_()
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        for name, buf in model.named_buffers():
+            if name.endswith("tid2eid"):
+                k, num_experts = args.num_experts_per_tok, args.n_routed_experts
+                rows = [torch.randperm(num_experts, generator=g)[:k]
+                        for _ in range(args.vocab_size)]
+                buf.copy_(torch.stack(rows).to(buf.dtype))
+
+
+class _ExpertLoad:
+    """Counts, per scored gate, how often each expert was picked in the last forward."""
+
+    def __init__(self, model: Transformer):
+        self.counts: dict[Gate, torch.Tensor] = {}
+        for module in model.modules():
+            if isinstance(module, Gate) and not module.hashed:
+                module.register_forward_hook(self._hook)
+
+    def _hook(self, gate: Gate, inputs, output) -> None:
+        _, indices = output
+        counts = torch.bincount(indices.flatten(), minlength=gate.weight.shape[0]).float()
+        self.counts[gate] = self.counts.get(gate, 0) + counts
+
+    @torch.no_grad()
+    def rebalance(self, rate: float) -> float:
+        """Move each bias towards under-loaded experts; return the worst max/mean load."""
+        worst = 1.0
+        for gate, counts in self.counts.items():
+            mean = counts.mean()
+            gate.bias.add_(rate * torch.sign(mean - counts))
+            worst = max(worst, float(counts.max() / mean.clamp(min=1)))
+        self.counts.clear()
+        return worst
+
+
+def _batch(examples: list[tuple[list[int], list[bool]]], pad_id: int):
+    length = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.bool)
+    for i, (seq, m) in enumerate(examples):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(m)] = torch.tensor(m)
+    return ids, mask
+
+
+def losses(model: Transformer, ids: torch.Tensor, mask: torch.Tensor, mtp: bool = True):
+    """(next-token loss, MTP loss) averaged over the masked target positions."""
+    streams = model.forward_streams(ids)
+    logits = model._head(streams, model, model.norm)  # [B, S, V]
+    target = mask[:, 1:]
+    main = F.cross_entropy(logits[:, :-1][target], ids[:, 1:][target])
+    if not mtp or not len(model.mtp) or ids.shape[1] < 3:
+        return main, torch.zeros(())
+    draft = model.mtp_forward(streams[:, :-2], ids[:, 1:-1])  # predicts t + 2
+    target2 = mask[:, 2:]
+    return main, F.cross_entropy(draft[target2], ids[:, 2:][target2])
+
+
+def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
+          device: str = "cpu", progress: bool = True) -> dict:
+    """Train from scratch; returns the loss history. Writes the model when out_dir is given."""
+    torch.manual_seed(cfg.seed)
+    examples = list(generate_examples(cfg.num_examples, seed=cfg.seed))
+    texts = [encode_messages(e.messages, e.thinking_mode) for e in examples[:5000]]
+    tokenizer = Tokenizer(train_tokenizer(texts, cfg.vocab_size))
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} entries but the model's "
+                         f"vocab_size is {args.vocab_size}; raise vocab_size in the config")
+    data = [render(e, tokenizer) for e in examples]
+    model = Transformer(args).to(device)
+    init_weights(model, cfg.seed)
+    model.train()
+    matrices, rest = split_parameters(model)
+    muon = Muon(matrices, lr=cfg.lr)
+    adamw = torch.optim.AdamW(rest, lr=cfg.adamw_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    load = _ExpertLoad(model)
+    rng = random.Random(cfg.seed)
+    history = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, desc="train", unit="step")
+    start = time.perf_counter()
+    tokens = 0
+    for step in range(cfg.steps):
+        scale = min(1.0, (step + 1) / cfg.warmup_steps) * \
+            0.5 * (1 + math.cos(math.pi * step / cfg.steps))  # warmup, then cosine decay
+        for opt, base in ((muon, cfg.lr), (adamw, cfg.adamw_lr)):
+            for group in opt.param_groups:
+                group["lr"] = base * max(scale, 0.05)
+        ids, mask = _batch(rng.sample(data, cfg.batch_size), tokenizer.eos_id)
+        ids, mask = ids.to(device), mask.to(device)
+        main, mtp = losses(model, ids, mask)
+        loss = main + cfg.mtp_weight * mtp
+        muon.zero_grad(set_to_none=True)
+        adamw.zero_grad(set_to_none=True)
+        loss.backward()
+        muon.step()
+        adamw.step()
+        imbalance = load.rebalance(cfg.bias_update_rate)
+        tokens += int(ids.numel())
+        main, mtp = main.item(), mtp.item()
+        history.append({"step": step, "loss": main, "mtp_loss": mtp,
+                        "max_expert_load": imbalance})
+        if bar is not None:
+            rate = tokens / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{main:.3f}", mtp=f"{mtp:.3f}",
+                            tok_s=f"{rate:.0f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    if out_dir is not None:
+        save(model, tokenizer, out_dir)
+    return {"history": history, "model": model, "tokenizer": tokenizer}
+
+
+def save(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
+         quantize: str = "fp8") -> Path:
+    """The released layout: config.json, tokenizer.json, FP8 linears + FP4 experts."""
+    out = Path(out_dir)
+    config = model.args.to_dict()
+    if quantize == "fp8":
+        config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                         "quant_method": "fp8", "scale_fmt": "ue8m0",
+                                         "weight_block_size": [128, 128]}
+        config["expert_dtype"] = "fp4"
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    write_checkpoint(state, out, config=config, quantize=quantize)
+    save_tokenizer(tokenizer.backend, out)
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": model.args.bos_token_id, "eos_token_id": model.args.eos_token_id}))
+    return out

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import torch
+
+import dsv4
+from dsv4.chat import Tokenizer, encode_messages
+from dsv4.model.config import ModelArgs
+from dsv4.train import data
+from dsv4.train.trainer import TrainConfig, render, save, train
+
+TINY = dict(vocab_size=1280, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+            head_dim=80, qk_rope_head_dim=16, q_lora_rank=32, o_groups=2, o_lora_rank=32,
+            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+            index_n_heads=2, index_head_dim=32, index_topk=8, sliding_window=128,
+            compress_ratios=[4, 128, 0, 0], num_hash_layers=1, max_position_embeddings=4096)
+
+
+def test_render_masks_exactly_the_assistant_turns():
+    from dsv4.train.tokenizer import train_tokenizer
+
+    examples = list(data.generate_examples(300, seed=0))
+    tok = Tokenizer(train_tokenizer([encode_messages(e.messages, e.thinking_mode)
+                                     for e in examples], 800))
+    tool = next(e for e in examples if e.family == "tool" and e.thinking_mode == "thinking")
+    ids, mask = render(tool, tok)
+    assert tok.decode(ids) == encode_messages(tool.messages, tool.thinking_mode)
+    target = tok.decode([i for i, m in zip(ids, mask) if m])
+    # both assistant turns (the call and the final answer), each ending with EOS
+    assert target.count("<｜end▁of▁sentence｜>") == 2
+    assert "<｜DSML｜invoke" in target and tool.expected["final"] in target
+    assert "<｜User｜>" not in target and "<tool_result>" not in target
+
+
+def test_training_lowers_the_loss_and_the_checkpoint_loads_back_bit_exactly(tmp_path):
+    args = ModelArgs(**TINY)
+    cfg = TrainConfig(steps=30, batch_size=4, num_examples=200, vocab_size=1200,
+                      warmup_steps=5)
+    result = train(args, cfg, progress=False)
+    losses = [h["loss"] for h in result["history"]]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert all(h["mtp_loss"] > 0 for h in result["history"])
+    model = result["model"]
+    save(model, result["tokenizer"], tmp_path / "plain", quantize="none")
+    loaded = dsv4.load_model(tmp_path / "plain", device="cpu", dtype=torch.float32)
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    save(model, result["tokenizer"], tmp_path / "fp8")
+    quantized = dsv4.load_model(tmp_path / "fp8", device="cpu", dtype=torch.float32)
+    assert quantized.kv_fp8 and quantized.indexer_fp4  # what a quantised release runs with
+    assert Tokenizer.from_folder(tmp_path / "fp8").vocab_size == result["tokenizer"].vocab_size
