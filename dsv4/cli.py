@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("dsv4.model.info", "parameters, formats and memory of a V4 model or preset"),
     "plan": ("dsv4.plan.cli", "capacity and cost model: does it fit, how fast at best, cost"),
     "train": ("dsv4.train.cli", "train a small V4-architecture model (how dsv4-tiny is made)"),
+    "eval": ("dsv4.train.evaluate", "accuracy and MTP acceptance of a small V4 model"),
     "bench": ("dsv4.bench.cli", "load-test any OpenAI-compatible endpoint; sweep; compare runs"),
 }
 

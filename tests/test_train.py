@@ -48,3 +48,17 @@ def test_training_lowers_the_loss_and_the_checkpoint_loads_back_bit_exactly(tmp_
     quantized = dsv4.load_model(tmp_path / "fp8", device="cpu", dtype=torch.float32)
     assert quantized.kv_fp8 and quantized.indexer_fp4  # what a quantised release runs with
     assert Tokenizer.from_folder(tmp_path / "fp8").vocab_size == result["tokenizer"].vocab_size
+
+
+def test_eval_scores_every_task_on_the_held_out_split(tmp_path):
+    from dsv4.train.evaluate import evaluate
+
+    args = ModelArgs(**TINY)
+    result = train(args, TrainConfig(steps=2, batch_size=2, num_examples=50, vocab_size=1200),
+                   progress=False)
+    save(result["model"], result["tokenizer"], tmp_path)
+    scores = evaluate(tmp_path, num_examples=12, max_tokens=6)
+    for key in ("arithmetic_accuracy", "tool_call_accuracy", "final_answer_accuracy",
+                "mtp_acceptance"):
+        assert 0.0 <= scores[key] <= 1.0, key
+    assert scores["num_examples"] == 12
