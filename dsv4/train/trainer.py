@@ -120,6 +120,13 @@ class _ExpertLoad:
         return worst
 
 
+def _similar_lengths(data: list, batch_size: int, rng: random.Random) -> list:
+    """A random batch of neighbours in length order (`data` is sorted by length), so little
+    of each step is spent on padding."""
+    start = rng.randrange(max(len(data) - batch_size, 0) + 1)
+    return data[start : start + batch_size]
+
+
 def _batch(examples: list[tuple[list[int], list[bool]]], pad_id: int):
     length = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
@@ -153,7 +160,7 @@ def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} entries but the model's "
                          f"vocab_size is {args.vocab_size}; raise vocab_size in the config")
-    data = [render(e, tokenizer) for e in examples]
+    data = sorted((render(e, tokenizer) for e in examples), key=lambda d: len(d[0]))
     model = Transformer(args).to(device)
     init_weights(model, cfg.seed)
     model.train()
@@ -176,7 +183,7 @@ def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
         for opt, base in ((muon, cfg.lr), (adamw, cfg.adamw_lr)):
             for group in opt.param_groups:
                 group["lr"] = base * max(scale, 0.05)
-        ids, mask = _batch(rng.sample(data, cfg.batch_size), tokenizer.eos_id)
+        ids, mask = _batch(_similar_lengths(data, cfg.batch_size, rng), tokenizer.eos_id)
         ids, mask = ids.to(device), mask.to(device)
         main, mtp = losses(model, ids, mask)
         loss = main + cfg.mtp_weight * mtp
