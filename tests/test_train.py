@@ -33,7 +33,7 @@ def test_render_masks_exactly_the_assistant_turns():
 
 def test_training_lowers_the_loss_and_the_checkpoint_loads_back_bit_exactly(tmp_path):
     args = ModelArgs(**TINY)
-    cfg = TrainConfig(steps=30, batch_size=4, num_examples=200, vocab_size=1200,
+    cfg = TrainConfig(steps=30, batch_tokens=600, num_examples=200, vocab_size=1200,
                       warmup_steps=5)
     result = train(args, cfg, progress=False)
     losses = [h["loss"] for h in result["history"]]
@@ -54,7 +54,7 @@ def test_eval_scores_every_task_on_the_held_out_split(tmp_path):
     from dsv4.train.evaluate import evaluate
 
     args = ModelArgs(**TINY)
-    result = train(args, TrainConfig(steps=2, batch_size=2, num_examples=50, vocab_size=1200),
+    result = train(args, TrainConfig(steps=2, batch_tokens=300, num_examples=50, vocab_size=1200),
                    progress=False)
     save(result["model"], result["tokenizer"], tmp_path)
     scores = evaluate(tmp_path, num_examples=12, max_tokens=6)

@@ -31,10 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", help="'tiny' or a V4 config.json path")
     parser.add_argument("--out", required=True, help="folder to write the model to")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--batch-tokens", type=int, default=TrainConfig.batch_tokens,
+                        help="padded tokens per step (examples of similar length are batched)")
     parser.add_argument("--num-examples", type=int, default=TrainConfig.num_examples)
     parser.add_argument("--vocab-size", type=int, default=TrainConfig.vocab_size,
                         help="BPE entries to train (at most the config's vocab_size)")
+    parser.add_argument("--bf16-out", default=None,
+                        help="also write the bf16 weights the FP8 + FP4 model is quantised from")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds to train for: the learning-rate schedule ends there "
+                             "(or at --steps, whichever comes first)")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="Muon learning rate")
+    parser.add_argument("--adamw-lr", type=float, default=TrainConfig.adamw_lr,
+                        help="AdamW learning rate (embeddings, norms, biases)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
 
@@ -42,12 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model_args = ModelArgs(**TINY_CONFIG) if args.config == "tiny" else \
         ModelArgs.from_json(args.config)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size,
-                      num_examples=args.num_examples, vocab_size=args.vocab_size,
-                      seed=args.seed)
-    result = train(model_args, cfg, out_dir=args.out, device=args.device)
+    cfg = TrainConfig(steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr,
+                      adamw_lr=args.adamw_lr, num_examples=args.num_examples,
+                      vocab_size=args.vocab_size, seed=args.seed,
+                      time_limit=args.time_limit)
+    result = train(model_args, cfg, out_dir=args.out, device=args.device,
+                   bf16_dir=args.bf16_out)
     last = result["history"][-20:]
-    summary = {"steps": cfg.steps, "out": args.out,
+    summary = {"steps": len(result["history"]), "out": args.out,
+               "train_seconds": round(result["seconds"], 1),
+               "tokens_per_second": round(result["tokens"] / result["seconds"]),
                "final_loss": sum(h["loss"] for h in last) / len(last),
                "final_mtp_loss": sum(h["mtp_loss"] for h in last) / len(last)}
     print(json.dumps(summary))

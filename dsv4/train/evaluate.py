@@ -61,13 +61,14 @@ def mtp_acceptance(model, tokenizer: Tokenizer, examples: list[Example]) -> floa
     from dsv4.train.trainer import render
 
     agree = total = 0
+    device = next(model.parameters()).device
     for e in examples:
         ids, mask = render(e, tokenizer)
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=device)
         streams = model.forward_streams(x)
         greedy = model._head(streams, model, model.norm).argmax(-1)[0]  # choice for t + 1
         draft = model.mtp_forward(streams[:, :-2], x[:, 1:-1]).argmax(-1)[0]  # for t + 2
-        targets = torch.tensor(mask[2:])
+        targets = torch.tensor(mask[2:], device=device)
         agree += int(((draft == greedy[1:-1]) & targets).sum())
         total += int(targets.sum())
     return agree / max(total, 1)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.chat import Tokenizer, encode_messages
+from dsv4.checkpoint.layout import weight_format
 from dsv4.checkpoint.writer import write_checkpoint
 from dsv4.model.config import ModelArgs
 from dsv4.model.moe import Gate
@@ -32,20 +33,25 @@ from dsv4.train.tokenizer import save_tokenizer, train_tokenizer
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    batch_size: int = 16
+    batch_tokens: int = 4096  # padded tokens per step: many short examples or a few long ones
+    micro_batches: int = 4  # each step sums the gradients of this many runs of similar length,
+    # drawn independently, so that one step mixes task families (lengths differ by family)
     lr: float = 0.02  # Muon
     adamw_lr: float = 3e-3
     warmup_steps: int = 50
     mtp_weight: float = 0.3
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step
     num_examples: int = 20000
+    time_limit: float | None = None  # seconds of training: the schedule ends at the limit
     vocab_size: int = 2048
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "num_examples", "vocab_size"):
+        for name in ("steps", "batch_tokens", "micro_batches", "num_examples", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ValueError(f"TrainConfig.time_limit must be > 0 seconds, got {self.time_limit}")
 
 
 def render(example: Example, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
@@ -120,11 +126,15 @@ class _ExpertLoad:
         return worst
 
 
-def _similar_lengths(data: list, batch_size: int, rng: random.Random) -> list:
-    """A random batch of neighbours in length order (`data` is sorted by length), so little
-    of each step is spent on padding."""
-    start = rng.randrange(max(len(data) - batch_size, 0) + 1)
-    return data[start : start + batch_size]
+def _similar_lengths(data: list, batch_tokens: int, rng: random.Random) -> list:
+    """A random run of neighbours in length order (`data` is sorted by length) holding about
+    `batch_tokens` padded tokens, so little of each step is spent on padding and a step costs
+    about the same whatever the examples' length."""
+    start = rng.randrange(len(data))
+    end = start + 1
+    while end < len(data) and (end + 1 - start) * len(data[end][0]) <= batch_tokens:
+        end += 1
+    return data[start:end]
 
 
 def _batch(examples: list[tuple[list[int], list[bool]]], pad_id: int):
@@ -151,8 +161,9 @@ def losses(model: Transformer, ids: torch.Tensor, mask: torch.Tensor, mtp: bool 
 
 
 def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
-          device: str = "cpu", progress: bool = True) -> dict:
-    """Train from scratch; returns the loss history. Writes the model when out_dir is given."""
+          device: str = "cpu", progress: bool = True, bf16_dir: str | Path | None = None) -> dict:
+    """Train from scratch; returns the loss history. Writes the model (FP8 + FP4) when out_dir
+    is given, and the bf16 weights it was quantised from when bf16_dir is."""
     torch.manual_seed(cfg.seed)
     examples = list(generate_examples(cfg.num_examples, seed=cfg.seed))
     texts = [encode_messages(e.messages, e.thinking_mode) for e in examples[:5000]]
@@ -177,51 +188,71 @@ def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
         bar = tqdm(total=cfg.steps, desc="train", unit="step")
     start = time.perf_counter()
     tokens = 0
-    for step in range(cfg.steps):
-        scale = min(1.0, (step + 1) / cfg.warmup_steps) * \
-            0.5 * (1 + math.cos(math.pi * step / cfg.steps))  # warmup, then cosine decay
-        for opt, base in ((muon, cfg.lr), (adamw, cfg.adamw_lr)):
-            for group in opt.param_groups:
-                group["lr"] = base * max(scale, 0.05)
-        ids, mask = _batch(_similar_lengths(data, cfg.batch_size, rng), tokenizer.eos_id)
-        ids, mask = ids.to(device), mask.to(device)
-        main, mtp = losses(model, ids, mask)
-        loss = main + cfg.mtp_weight * mtp
-        muon.zero_grad(set_to_none=True)
-        adamw.zero_grad(set_to_none=True)
-        loss.backward()
-        muon.step()
-        adamw.step()
-        imbalance = load.rebalance(cfg.bias_update_rate)
-        tokens += int(ids.numel())
-        main, mtp = main.item(), mtp.item()
-        history.append({"step": step, "loss": main, "mtp_loss": mtp,
-                        "max_expert_load": imbalance})
-        if bar is not None:
-            rate = tokens / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{main:.3f}", mtp=f"{mtp:.3f}",
-                            tok_s=f"{rate:.0f}")
-            bar.update(1)
+    try:
+        for step in range(cfg.steps):
+            progress = step / cfg.steps
+            if cfg.time_limit is not None:
+                progress = max(progress, (time.perf_counter() - start) / cfg.time_limit)
+                if progress >= 1.0:
+                    break
+            scale = min(1.0, (step + 1) / cfg.warmup_steps) * \
+                0.5 * (1 + math.cos(math.pi * progress))  # warmup, then cosine decay
+            for opt, base in ((muon, cfg.lr), (adamw, cfg.adamw_lr)):
+                for group in opt.param_groups:
+                    group["lr"] = base * max(scale, 0.05)
+            muon.zero_grad(set_to_none=True)
+            adamw.zero_grad(set_to_none=True)
+            main = mtp = 0.0
+            for _ in range(cfg.micro_batches):
+                run = _similar_lengths(data, cfg.batch_tokens // cfg.micro_batches, rng)
+                ids, mask = (t.to(device) for t in _batch(run, tokenizer.eos_id))
+                part_main, part_mtp = losses(model, ids, mask)
+                ((part_main + cfg.mtp_weight * part_mtp) / cfg.micro_batches).backward()
+                main += part_main.item() / cfg.micro_batches
+                mtp += part_mtp.item() / cfg.micro_batches
+                tokens += int(ids.numel())
+            muon.step()
+            adamw.step()
+            imbalance = load.rebalance(cfg.bias_update_rate)
+            history.append({"step": step, "loss": main, "mtp_loss": mtp,
+                            "max_expert_load": imbalance})
+            if bar is not None:
+                rate = tokens / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{main:.3f}", mtp=f"{mtp:.3f}",
+                                tok_s=f"{rate:.0f}")
+                bar.update(1)
+    except KeyboardInterrupt:  # Ctrl-C: keep (and save) the model trained so far
+        print(f"interrupted after {len(history)} of {cfg.steps} steps; saving what was trained")
     if bar is not None:
         bar.close()
     model.eval()
     if out_dir is not None:
         save(model, tokenizer, out_dir)
-    return {"history": history, "model": model, "tokenizer": tokenizer}
+    if bf16_dir is not None:
+        save(model, tokenizer, bf16_dir, quantize="bf16")
+    return {"history": history, "model": model, "tokenizer": tokenizer, "tokens": tokens,
+            "seconds": time.perf_counter() - start}
 
 
 def save(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
          quantize: str = "fp8") -> Path:
-    """The released layout: config.json, tokenizer.json, FP8 linears + FP4 experts."""
+    """The released layout: config.json, tokenizer.json and the weights, FP8 linears + FP4
+    experts (quantize="fp8"), those same tensors in bf16 (quantize="bf16": what the FP8 + FP4
+    files were quantised from, to measure what quantisation costs) or as trained ("none")."""
+    if quantize not in ("fp8", "bf16", "none"):
+        raise ValueError(f"quantize must be 'fp8', 'bf16' or 'none', got {quantize!r}")
     out = Path(out_dir)
     config = model.args.to_dict()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if quantize == "fp8":
         config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
                                          "quant_method": "fp8", "scale_fmt": "ue8m0",
                                          "weight_block_size": [128, 128]}
         config["expert_dtype"] = "fp4"
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    write_checkpoint(state, out, config=config, quantize=quantize)
+    elif quantize == "bf16":
+        state = {k: v.to(torch.bfloat16) if weight_format(k) in ("fp8", "fp4") else v
+                 for k, v in state.items()}
+    write_checkpoint(state, out, config=config, quantize="fp8" if quantize == "fp8" else "none")
     save_tokenizer(tokenizer.backend, out)
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": model.args.bos_token_id, "eos_token_id": model.args.eos_token_id}))
