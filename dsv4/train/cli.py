@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-tokens", type=int, default=TrainConfig.batch_tokens,
                         help="padded tokens per step (examples of similar length are batched)")
+    parser.add_argument("--micro-batches", type=int, default=TrainConfig.micro_batches,
+                        help="runs of similar length summed into each step (mixes task families)")
     parser.add_argument("--num-examples", type=int, default=TrainConfig.num_examples)
     parser.add_argument("--vocab-size", type=int, default=TrainConfig.vocab_size,
                         help="BPE entries to train (at most the config's vocab_size)")
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     model_args = ModelArgs(**TINY_CONFIG) if args.config == "tiny" else \
         ModelArgs.from_json(args.config)
     cfg = TrainConfig(steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr,
+                      micro_batches=args.micro_batches,
                       adamw_lr=args.adamw_lr, num_examples=args.num_examples,
                       vocab_size=args.vocab_size, seed=args.seed,
                       time_limit=args.time_limit)
