@@ -14,19 +14,33 @@ from dsv4.engine.batch import RaggedBatch
 from dsv4.engine.config import EngineConfig
 from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout, plan_layout
 from dsv4.engine.paged_ops import (
+    QueryBlocks,
     compressed_visibility,
     gather_compressed,
+    query_blocks,
     ring_context,
+    window_band,
     write_compressed,
     write_ring,
 )
 from dsv4.engine.runner import ModelRunner
-from dsv4.model.attention import Attention, quantize_indexer, quantize_kv_nope, stable_topk
+from dsv4.model.attention import (
+    Attention,
+    quantize_indexer,
+    quantize_kv_nope,
+    sparse_attention,
+    stable_topk,
+)
 from dsv4.model.compressor import Compressor
 from dsv4.model.hyper import hc_post
 from dsv4.model.norm import rms_normalize
 from dsv4.model.rope import apply_rope, rope_cos_sin
 from dsv4.model.transformer import Transformer
+
+# Requests with at least this many new tokens (prefill chunks) attend in blocks of BAND_BLOCK
+# queries sharing one window band; the rest (decodes) attend token by token.
+BAND_BLOCK = 64
+BAND_MIN_TOKENS = 16
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
                 "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
@@ -79,15 +93,23 @@ class V4ModelRunner(ModelRunner):
     def execute_model(self, batch: RaggedBatch) -> torch.Tensor:
         batch = batch.to(self.device)
         m = self.model
+        blocks = self._query_blocks(batch)
         ids = batch.input_ids[None]  # [1, T]: the ragged batch as one flat row
         x = m.embed(ids)[:, :, None, :].expand(-1, -1, m.args.hc_mult, -1).contiguous()
         for i, layer in enumerate(m.layers):
             h, post, comb = layer._pre(x, "attn")
-            out = self._attention(i, layer.attn, layer.attn_norm(h), batch)
+            out = self._attention(i, layer.attn, layer.attn_norm(h), batch, blocks)
             x = hc_post(out, x, post, comb)
             h, post, comb = layer._pre(x, "ffn")
             x = hc_post(layer.ffn(layer.ffn_norm(h), ids), x, post, comb)
         return m._head(x, m, m.norm)[0, batch.logits_indices]  # [S, vocab] fp32
+
+    @staticmethod
+    def _query_blocks(batch: RaggedBatch) -> list[QueryBlocks]:
+        num_new = batch.query_start_loc[1:] - batch.query_start_loc[:-1]
+        long = num_new >= BAND_MIN_TOKENS
+        groups = [(BAND_BLOCK, long), (1, ~long)]
+        return [query_blocks(batch, size, chosen) for size, chosen in groups if bool(chosen.any())]
 
     def _compress(self, comp: Compressor, x, batch: RaggedBatch, inv_freq, state: str,
                   pool: str, quantize) -> None:
@@ -113,8 +135,8 @@ class V4ModelRunner(ModelRunner):
         fp8 = self.fp8 and pool.endswith("compressed_kv")
         write_compressed(self.pools[pool], batch.compressed_slot_mapping[ratio], pooled, fp8=fp8)
 
-    def _attention(self, i: int, attn: Attention, x: torch.Tensor,
-                   batch: RaggedBatch) -> torch.Tensor:
+    def _attention(self, i: int, attn: Attention, x: torch.Tensor, batch: RaggedBatch,
+                   blocks: list[QueryBlocks]) -> torch.Tensor:
         m, T = self.model, batch.num_tokens
         H, hd, ratio = attn.n_heads, attn.head_dim, attn.ratio
         inv_freq = m._inv_freq(ratio)
@@ -125,15 +147,14 @@ class V4ModelRunner(ModelRunner):
         kv = apply_rope(attn.kv_norm(attn.wkv(x))[0], cos, sin)  # [T, hd]
         keep_kv = (lambda t: quantize_kv_nope(t, attn.rope_dim)) if m.kv_fp8 else (lambda t: t)
         kv = keep_kv(kv)
-        keys, ok = ring_context(self.pools[f"{i}.window_kv"], kv, batch, fp8=self.fp8)
-        write_ring(self.pools[f"{i}.window_kv"], kv, batch, fp8=self.fp8)
+        entries = visible = None
         if ratio:
             self._compress(attn.compressor, x, batch, inv_freq, f"{i}.compressor",
                            f"{i}.compressed_kv", lambda t: keep_kv(t.to(kv.dtype)))
             bs = self.layout.block_size
             entries, _ = gather_compressed(self.pools[f"{i}.compressed_kv"], batch, ratio, bs,
                                            fp8=self.fp8)
-            entries = entries.to(kv.dtype)
+            entries = entries.to(kv.dtype)  # [B, E, hd]
             visible = compressed_visibility(batch, ratio, entries.shape[1])  # [T, E]
             if ratio == 4:  # the indexer's compressor advances on every token
                 idx = attn.indexer
@@ -151,13 +172,15 @@ class V4ModelRunner(ModelRunner):
                     scores = scores.masked_fill(~visible, float("-inf"))
                     top = stable_topk(scores, min(idx.topk, scores.shape[1]))
                     visible = visible & torch.zeros_like(visible).scatter_(1, top, True)
-            keys = torch.cat([keys, entries[batch.seq_index]], dim=1)  # [T, W + E, hd]
-            ok = torch.cat([ok, visible], dim=1)
-        logits = torch.einsum("thd,tkd->thk", q, keys).float() * attn.scale
-        logits = logits.masked_fill(~ok[:, None, :], float("-inf"))
-        sink = attn.attn_sink.float().view(1, H, 1).expand(T, -1, -1)
-        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
-        out = torch.einsum("thk,tkd->thd", probs.to(keys.dtype), keys)  # V = K
+        window = self.pools[f"{i}.window_kv"]
+        out = q.new_empty(T, H, hd)
+        for b in blocks:  # the window is read before this step's rows are written
+            groups = [window_band(window, kv, batch, b, fp8=self.fp8)]
+            if entries is not None and entries.shape[1]:
+                groups.append((entries[b.seq], visible[b.token_index]))
+            o = sparse_attention(q[b.token_index], groups, attn.attn_sink, attn.scale)
+            out[b.tokens] = o.flatten(0, 1)[b.slot]
+        write_ring(window, kv, batch, fp8=self.fp8)
         out = apply_rope(out, cos[:, None], -sin[:, None])  # undo the query rotation
         g = m.args.o_groups
         wo_a = attn.wo_a.weight.view(g, m.args.o_lora_rank, -1)

@@ -18,6 +18,8 @@ fp8 pools hold packed 584-byte entries of V4's 512-channel KV (64 RoPE channels)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dsv4.engine.batch import RaggedBatch
@@ -42,31 +44,98 @@ def ring_context(
     Returns values [N, R, C] (fresh's dtype) and valid [N, R] (False for positions < 0,
     whose values are finite but meaningless).
     """
-    num_ring_rows = ring.shape[1]
     if token_idx is None:
         token_idx = torch.arange(batch.num_tokens, device=fresh.device)
-    seq = batch.seq_index[token_idx]  # [N]
-    pos = batch.positions[token_idx]  # [N]
-    offsets = torch.arange(num_ring_rows, device=fresh.device) - (num_ring_rows - 1)
-    ctx_pos = pos[:, None] + offsets[None, :]  # [N, R]
-    valid = ctx_pos >= 0
+    vals, ctx_pos = context_rows(ring, fresh, batch, batch.seq_index[token_idx],
+                                 batch.positions[token_idx], ring.shape[1], fp8)
+    return vals, ctx_pos >= 0
+
+
+def context_rows(
+    ring: torch.Tensor,
+    fresh: torch.Tensor,
+    batch: RaggedBatch,
+    seq: torch.Tensor,
+    last_pos: torch.Tensor,
+    num_rows: int,
+    fp8: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of positions last_pos - num_rows + 1 .. last_pos of request `seq`, each from the
+    ring (positions before this step) or from fresh (this step's rows).
+
+    seq, last_pos: [N]. Returns values [N, num_rows, C] and their positions [N, num_rows];
+    rows of positions < 0 or past the request's tokens in this step hold finite junk that
+    callers mask by position."""
+    ring_size = ring.shape[1]
+    offsets = torch.arange(num_rows, device=fresh.device) - (num_rows - 1)
+    ctx_pos = last_pos[:, None] + offsets[None, :]  # [N, num_rows]
     start = batch.start_pos[seq][:, None]  # [N, 1]
     from_ring = ctx_pos < start
-    ring_rows = batch.state_slots[seq][:, None] * num_ring_rows + ctx_pos % num_ring_rows
+    ring_rows = batch.state_slots[seq][:, None] * ring_size + ctx_pos % ring_size
     fresh_rows = (batch.query_start_loc[seq][:, None] + ctx_pos - start).clamp(
         0, max(fresh.shape[0] - 1, 0)
     )
     ring_flat = ring.reshape(-1, *ring.shape[2:])
     if fp8:  # unpack only the ring rows that are read
         ring_vals = _rows_out(ring_flat[ring_rows], fp8).to(fresh.dtype)
-        vals = torch.where(from_ring[..., None], ring_vals, fresh[fresh_rows])  # [N, R, C]
+        vals = torch.where(from_ring[..., None], ring_vals, fresh[fresh_rows])
     else:  # one gather from [ring rows; fresh rows]
         source = torch.cat([ring_flat.to(fresh.dtype), fresh], dim=0)
         rows = torch.where(from_ring, ring_rows, ring_flat.shape[0] + fresh_rows)
-        vals = source[rows]  # [N, R, C]
-    # rows of invalid positions (before the sequence start) hold finite junk: callers mask
-    # them through `valid` (attention logits, compressor scores)
-    return vals, valid
+        vals = source[rows]
+    return vals, ctx_pos
+
+
+@dataclass
+class QueryBlocks:
+    """This step's tokens cut into blocks of `size` consecutive tokens of one request, so that
+    a block's queries share one window band of size + W - 1 keys (prefill reads each cached
+    row about twice, not W times). The last block of a request is padded (valid False).
+
+    token_index, positions, valid: [NB, size]; seq, last_pos: [NB];
+    slot: [N] the flat block slot (block * size + offset) of each selected token;
+    tokens: [N] the selected tokens, in batch order."""
+
+    size: int
+    token_index: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+    seq: torch.Tensor
+    last_pos: torch.Tensor
+    slot: torch.Tensor
+    tokens: torch.Tensor
+
+
+def query_blocks(batch: RaggedBatch, size: int, requests: torch.Tensor) -> QueryBlocks:
+    """Blocks of `size` tokens over the requests selected by the bool mask `requests` [B]."""
+    device = batch.positions.device
+    num_new = (batch.query_start_loc[1:] - batch.query_start_loc[:-1]) * requests
+    num_blocks = (num_new + size - 1) // size  # [B]
+    first_block = num_blocks.cumsum(0) - num_blocks
+    seq = torch.repeat_interleave(torch.arange(len(num_new), device=device), num_blocks)
+    local = (torch.arange(len(seq), device=device) - first_block[seq]) * size  # [NB]
+    offsets = local[:, None] + torch.arange(size, device=device)  # [NB, size]
+    valid = offsets < num_new[seq][:, None]
+    token_index = (batch.query_start_loc[seq][:, None] + offsets).clamp(
+        max=max(batch.num_tokens - 1, 0))
+    positions = batch.start_pos[seq][:, None] + offsets
+    tokens = requests[batch.seq_index].nonzero().squeeze(1)
+    tseq = batch.seq_index[tokens]
+    rank = tokens - batch.query_start_loc[tseq]
+    slot = (first_block[tseq] + rank // size) * size + rank % size
+    return QueryBlocks(size, token_index, positions, valid, seq, positions[:, -1], slot, tokens)
+
+
+def window_band(ring: torch.Tensor, fresh: torch.Tensor, batch: RaggedBatch,
+                blocks: QueryBlocks, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's window keys: values [NB, K, C] with K = size + W - 1 and valid
+    [NB, size, K] (key within the W positions ending at the query)."""
+    window = ring.shape[1]
+    vals, key_pos = context_rows(ring, fresh, batch, blocks.seq, blocks.last_pos,
+                                 blocks.size + window - 1, fp8)
+    q = blocks.positions[:, :, None]
+    k = key_pos[:, None, :]
+    return vals, (k <= q) & (k > q - window) & (k >= 0)
 
 
 def write_ring(ring: torch.Tensor, fresh: torch.Tensor, batch: RaggedBatch, fp8: bool = False):
