@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from dsv4.chat import ContentDelta, ReasoningDelta, ToolCallArgsDelta, ToolCallEnd, ToolCallStart
 from dsv4.server.errors import APIError, error_event_body
+from dsv4.server.json_body import StrictJSONRoute
 from dsv4.server.schemas import (
     AnthropicMessage,
     CountTokensRequest,
@@ -30,7 +31,7 @@ from dsv4.server.schemas import (
 from dsv4.server.service import GenerationRun, Plan, Service, ToolChoice, new_id, resolve_thinking
 from dsv4.server.streaming import SSEResponse, sse, until_disconnect
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                 "abort": "end_turn"}

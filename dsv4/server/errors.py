@@ -7,6 +7,7 @@ errors included (FastAPI would answer 422 with its own body).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
@@ -32,6 +33,13 @@ ERROR_TYPES = {
     500: ("server_error", "api_error"),
     503: ("service_unavailable", "overloaded_error"),
 }
+
+
+class ErrorJSONResponse(JSONResponse):
+    """ASCII-escaped: an error may quote what the client sent, valid Unicode or not."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 class APIError(Exception):
@@ -75,7 +83,7 @@ def error_response(request: Request, err: APIError) -> JSONResponse:
                 "code": err.code,
             }
         }
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
+    return ErrorJSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 def error_event_body(request: Request, err: APIError) -> dict:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from dsv4.chat import ContentDelta, ReasoningDelta, ToolCallArgsDelta, ToolCallStart
 from dsv4.engine.request import TokenLogprobs
 from dsv4.server.errors import APIError, error_event_body
+from dsv4.server.json_body import StrictJSONRoute
 from dsv4.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from dsv4.server.service import (
     ChoiceUpdate,
@@ -27,7 +28,7 @@ from dsv4.server.service import (
 )
 from dsv4.server.streaming import SSEResponse, sse, until_disconnect
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 def _service(request: Request) -> Service:
