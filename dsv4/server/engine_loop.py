@@ -154,7 +154,8 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return (self._thread is not None and self._thread.is_alive() and not self._stopping
+                and self.error is None)
 
     @property
     def num_unfinished_seqs(self) -> int:
@@ -252,6 +253,14 @@ class AsyncEngine:
                 self._release(stream)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug here must not leave requests waiting forever
+            log.exception("the engine thread failed; the server can no longer generate")
+            self.error = exc
+            self._abort_all(EngineStoppedError(f"the engine failed: {exc!r}"))
+
+    def _loop(self) -> None:
         engine = self.engine
         while True:
             with self._cond:
@@ -292,7 +301,10 @@ class AsyncEngine:
 
     def _abort_all(self, error: BaseException) -> None:
         for request_id, stream in list(self._streams.items()):
-            self.engine.abort(request_id)
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # the engine may be what failed; the stream must end anyway
+                log.exception("could not abort %s", request_id)
             stream._put(error)
             self._release(stream)
         self._streams.clear()
