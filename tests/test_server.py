@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 
@@ -27,6 +28,9 @@ from dsv4.chat import Tokenizer, encode_messages  # noqa: E402
 from dsv4.train.data import TOOLS  # noqa: E402
 
 KEY = "test-key"
+# DSV4_FUZZ_EXAMPLES=5000 DSV4_FUZZ_RANDOM=1 for a longer, non-reproducible search
+FUZZ_EXAMPLES = int(os.environ.get("DSV4_FUZZ_EXAMPLES", "400"))
+DERANDOMIZE = not os.environ.get("DSV4_FUZZ_RANDOM")
 MODEL = "dsv4-test"
 WEATHER = [{"role": "system", "content": "You are a helpful assistant."},
            {"role": "user", "content": "What is the weather in Paris?"}]
@@ -56,9 +60,9 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def small_server(model_dir):
-    """Two running sequences, one queued, a 256-token context: fills up and ends quickly."""
+    """Two running sequences, one queued, a 1024-token context: fills up and ends quickly."""
     proc = ServerProcess(model_dir, "--max-num-seqs", "2", "--max-queue", "1",
-                         "--max-model-len", "256")
+                         "--max-model-len", "1024")
     yield proc
     proc.stop()
 
@@ -397,6 +401,9 @@ def test_other_errors(server, client):
             model=MODEL, messages=[{"role": "user", "content": "weather " * 6000}])
     assert exc.value.body["param"] == "messages"
     assert exc.value.body["code"] == "context_length_exceeded"
+    r = _post(server, "/v1/chat/completions",
+              b'{"model": "dsv4-test", "messages": [{"role": "user", "content": "a\\ud800"}]}')
+    assert r.status_code == 400 and "messages[0].content" in r.json()["error"]["message"]
     r = _post(server, "/v1/completions", {"model": MODEL, "prompt": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = _post(server, "/v1/completions", {"model": MODEL, "prompt": [1, 10**6]})
@@ -468,6 +475,17 @@ def test_full_queue_429_and_disconnect_aborts(small_server):
     assert m["dsv4_requests_rejected_total"] >= 1
     assert small_server.health()["num_unfinished_seqs"] == 0
 
+    # a client that gives up on a non-streamed answer aborts it too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(small_server.url + "/v1/chat/completions", json={**body, "stream": False},
+                   timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.monotonic() + 20
+    while small_server.metrics()["dsv4_num_seqs_accepted"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    m = small_server.metrics()
+    assert m['dsv4_request_finish_total{reason="abort"}'] - before == 4
+    assert m["dsv4_num_requests_running"] == m["dsv4_kv_cache_usage_perc"] == 0
+
 
 def test_metrics_after_traffic(server, client):
     client.chat.completions.create(model=MODEL, messages=WEATHER, max_tokens=3)
@@ -482,11 +500,11 @@ def test_metrics_after_traffic(server, client):
     assert 'dsv4_time_to_first_token_seconds_bucket{le="+Inf"}' in m
 
 
+# any JSON Python's parser accepts, NaN / Infinity and lone surrogates included
+json_text = st.text(st.characters(categories=["L", "N", "P", "S", "Z", "Cc", "Cs"]), max_size=20)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**66), 2**66) |
-    st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                               max_size=4),
+    st.none() | st.booleans() | st.integers(-(2**66), 2**66) | st.floats() | json_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(json_text, inner, max_size=4),
     max_leaves=12,
 )
 VALID = {
@@ -505,32 +523,58 @@ VALID = {
 }
 
 
+def _paths(value, prefix=()):
+    """Every place in a JSON value (dict keys and list indices), outermost first."""
+    yield prefix
+    items = value.items() if isinstance(value, dict) else enumerate(value) \
+        if isinstance(value, list) else ()
+    for key, item in items:
+        yield from _paths(item, (*prefix, key))
+
+
 @st.composite
 def bodies(draw):
+    """A random JSON value, or a valid body with a few places (at any depth) replaced by random
+    JSON or deleted."""
     route = draw(st.sampled_from(sorted(VALID)))
-    kind = draw(st.sampled_from(["mutate", "mutate", "random"]))
+    kind = draw(st.sampled_from(["random", "mutate", "mutate", "delete"]))
     if kind == "random":
         return route, draw(json_values)
     body = json.loads(json.dumps(VALID[route]))
-    for key in draw(st.lists(st.sampled_from(sorted(body) + ["extra"]), max_size=3)):
-        if draw(st.booleans()) and key in body:
+    if kind == "delete":  # mostly still valid: optional fields left out
+        for key in draw(st.lists(st.sampled_from(sorted(body)), max_size=4, unique=True)):
             del body[key]
+        return route, {**body, "max_tokens": 3} if "max_tokens" in VALID[route] else body
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(list(_paths(body))[1:]))
+        parent = body
+        for key in path[:-1]:
+            parent = parent[key]
+        if draw(st.booleans()) and isinstance(parent, dict):
+            del parent[path[-1]]
         else:
-            body[key] = draw(json_values)
-    if route != "/v1/messages/count_tokens" and "max_tokens" not in body:
-        body["max_tokens"] = 3  # keep valid requests short
+            parent[path[-1]] = draw(json_values)
+        if not isinstance(body, dict) or not body:
+            break
+    if isinstance(body, dict) and route != "/v1/messages/count_tokens":
+        mt = body.get("max_tokens")  # keep valid requests short (too long ones stay)
+        if "max_tokens" not in body or (type(mt) is int and 16 < mt < 10**5):
+            body["max_tokens"] = 3
     return route, body
 
 
 def test_fuzz_request_bodies_never_5xx(small_server):
     http = httpx.Client(base_url=small_server.url, timeout=60)
+    statuses = []
 
-    @settings(max_examples=160, deadline=None, derandomize=True,
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=DERANDOMIZE,
               suppress_health_check=list(HealthCheck))
     @given(bodies())
     def check(case):
         route, body = case
-        r = http.post(route, json=body)
+        r = http.post(route, content=json.dumps(body), headers={"content-type":
+                                                                 "application/json"})
+        statuses.append(r.status_code)
         assert r.status_code < 500, (route, body, r.text)
         if r.status_code >= 400:
             data = r.json()
@@ -539,6 +583,8 @@ def test_fuzz_request_bodies_never_5xx(small_server):
 
     check()
     http.close()
+    print({code: statuses.count(code) for code in sorted(set(statuses))})
+    assert statuses.count(200) > len(statuses) // 20  # valid requests were generated too
     assert small_server.health()["num_unfinished_seqs"] == 0
 
 
