@@ -110,8 +110,11 @@ def _stream_chat(client, **kwargs) -> dict:
 
 def test_health_models_and_auth(server):
     assert server.health()["status"] == "ok"
-    models = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY).models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    ok = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in ok.models.list().data] == [MODEL]
+    assert ok.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        ok.models.retrieve("gpt-4")
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as exc:
         bad.models.list()
@@ -219,6 +222,27 @@ def test_tool_round_trip(client, tokenizer):
     assert final.usage.prompt_tokens == len(tokenizer.encode(encode_messages(rendered, "chat")))
 
 
+def test_tool_choice_required_and_none(client, tokenizer):
+    required = client.chat.completions.create(
+        model=MODEL, messages=WEATHER, tools=TOOLS[:1], tool_choice="required", max_tokens=16,
+        temperature=0, extra_body={"thinking": {"type": "disabled"}})
+    assert required.choices[0].finish_reason == "tool_calls"
+    assert required.choices[0].message.tool_calls[0].function.name == "get_weather"
+    thinking = client.chat.completions.create(  # forced calls close the (empty) reasoning
+        model=MODEL, messages=WEATHER, tools=TOOLS, max_tokens=16, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "calculator"}})
+    assert thinking.choices[0].message.tool_calls[0].function.name == "calculator"
+    assert thinking.usage.completion_tokens_details.reasoning_tokens == 0
+    none = client.chat.completions.create(
+        model=MODEL, messages=WEATHER, tools=TOOLS, tool_choice="none", max_tokens=1,
+        extra_body={"thinking": {"type": "disabled"}})
+    assert none.usage.prompt_tokens == _prompt_tokens(tokenizer, WEATHER, "chat")
+    auto = client.chat.completions.create(
+        model=MODEL, messages=WEATHER, tools=TOOLS, max_tokens=1,
+        extra_body={"thinking": {"type": "disabled"}})
+    assert auto.usage.prompt_tokens == _prompt_tokens(tokenizer, WEATHER, "chat", TOOLS)
+
+
 def test_thinking_controls(client, tokenizer):
     """reasoning_effort max adds V4's preamble; chat_template_kwargs switches the mode."""
     def prompt_tokens(**kw):
@@ -290,6 +314,16 @@ def test_anthropic_streamed_tool_round_trip(server):
                                    tools=ANTHROPIC_TOOLS, extra_body={"temperature": 0})
     assert final.stop_reason in ("end_turn", "max_tokens", "tool_use")
     assert final.usage.output_tokens <= 10 and final.usage.input_tokens > count.input_tokens
+    # stop_sequences: generation ends before a piece of what it wrote without them
+    free = client.messages.create(model=MODEL, max_tokens=8, messages=messages,
+                                  extra_body={"temperature": 0})
+    text = "".join(b.text for b in free.content if b.type == "text")
+    piece = next((text[i:i + 2] for i in range(1, len(text) - 1) if text[i:i + 2].strip()),
+                 None)
+    if piece:
+        cut = client.messages.create(model=MODEL, max_tokens=8, messages=messages,
+                                     stop_sequences=[piece], extra_body={"temperature": 0})
+        assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", piece)
     thinking = client.messages.create(model=MODEL, max_tokens=8, messages=messages,
                                       thinking={"type": "enabled", "budget_tokens": 1024})
     assert thinking.content and {b.type for b in thinking.content} <= {"thinking", "text",
