@@ -121,6 +121,9 @@ def test_health_models_and_auth(server):
     assert exc.value.status_code == 401 and exc.value.body["code"] == "invalid_api_key"
     r = httpx.get(server.url + "/v1/models", headers={"x-api-key": KEY})
     assert r.status_code == 200
+    r = httpx.get(server.url + "/v1/models", headers={"x-api-key": KEY,
+                                                     "Authorization": "Bearer other"})
+    assert r.status_code == 200  # either header may carry the key
     r = httpx.post(server.url + "/v1/messages", json={})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
@@ -643,3 +646,10 @@ def test_graceful_shutdown_finishes_in_flight_requests(model_dir):
     assert proc.proc.wait(30) in (0, -signal.SIGTERM)
     proc.stop()
     assert "Traceback" not in proc.log_path.read_text()
+
+
+def test_cli_refuses_a_folder_without_a_model(tmp_path, capsys):
+    from dsv4.cli import main
+
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err

@@ -53,13 +53,14 @@ class APIKeyMiddleware:
         if self.api_key and scope["type"] == "http" and scope["path"].startswith("/v1"):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                        for k, v in scope.get("headers", [])}
-            given = headers.get("x-api-key")
+            given = [headers["x-api-key"]] if "x-api-key" in headers else []
             auth = headers.get("authorization", "")
             if auth[:7].lower() == "bearer ":
-                given = auth[7:].strip()
-            if given is None or not secrets.compare_digest(given.encode(), self.api_key.encode()):
-                message = ("missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
-                           if given is None else "invalid API key")
+                given.append(auth[7:].strip())
+            key = self.api_key.encode()
+            if not any(secrets.compare_digest(g.encode(), key) for g in given):
+                message = ("invalid API key" if given else "missing API key: send "
+                           "'Authorization: Bearer KEY' or 'x-api-key: KEY'")
                 err = APIError(message, status=401, code="invalid_api_key")
                 await error_response(Request(scope), err)(scope, receive, send)
                 return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 T = TypeVar("T")
+log = logging.getLogger("dsv4.server")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -53,6 +55,9 @@ class SSEResponse(StreamingResponse):
             await self.stream_response(send)
         except OSError:  # the client went away while we were sending
             pass
+        except Exception:
+            log.exception("an event stream failed")
+            raise
 
 
 async def _wait_disconnect(receive: Receive) -> None:
