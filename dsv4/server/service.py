@@ -23,7 +23,6 @@ from dsv4.chat import (
     ChatEncodingError,
     ContentDelta,
     Finished,
-    ReasoningDelta,
     StreamParser,
     Tokenizer,
     ToolCallEnd,
@@ -433,16 +432,10 @@ def logprob_value(x: float) -> float:
     return x if math.isfinite(x) else LOGPROB_FLOOR
 
 
-def text_of(events: list, kind: type) -> str:
-    return "".join(e.text for e in events if isinstance(e, kind))
-
-
 __all__ = [
     "ChoiceUpdate",
-    "ContentDelta",
     "GenerationRun",
     "Plan",
-    "ReasoningDelta",
     "Service",
     "ToolChoice",
     "Usage",
