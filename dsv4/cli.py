@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dsv4.train.cli", "train a small V4-architecture model (how dsv4-tiny is made)"),
     "eval": ("dsv4.train.evaluate", "accuracy and MTP acceptance of a small V4 model"),
     "bench": ("dsv4.bench.cli", "load-test any OpenAI-compatible endpoint; sweep; compare runs"),
+    "serve": ("dsv4.server.cli", "OpenAI/Anthropic-compatible HTTP server (default: dsv4-tiny)"),
 }
 
 

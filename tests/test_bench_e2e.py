@@ -27,6 +27,9 @@ def server_missing_reason() -> str | None:
         importlib.import_module(SUBCOMMANDS["serve"][0])
     except ImportError as exc:
         return f"dsv4's server module {SUBCOMMANDS['serve'][0]} is not importable: {exc}"
+    bundled = Path(__file__).resolve().parent.parent / "dsv4" / "assets" / "dsv4-tiny"
+    if not (bundled / "config.json").is_file():
+        return f"the bundled dsv4-tiny model has not been trained yet (no {bundled}/config.json)"
     return None
 
 
