@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +35,8 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per measurement; the median is reported (CPU timings vary)")
     opts = parser.parse_args()
     args = tiny_args(**SMALL)
     hf = hf_model(args)
@@ -49,17 +52,23 @@ def main() -> int:
                   max_num_batched_tokens=2048, kv_cache_memory_bytes=256 << 20)
         llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
         for c in levels:
-            start = time.perf_counter()
-            outs = llm.generate(prompts[:c], params)
-            elapsed = time.perf_counter() - start
+            times = []
+            for _ in range(opts.repeats):
+                start = time.perf_counter()
+                outs = llm.generate(prompts[:c], params)
+                times.append(time.perf_counter() - start)
+            elapsed = statistics.median(times)
             tokens = sum(len(o.token_ids) for o in outs)
             rows.append({"system": "dsv4 engine", "concurrency": c, "output_tokens": tokens,
                          "seconds": elapsed, "output_tok_s": tokens / elapsed})
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = hf.generate(torch.tensor(prompts[:1]), max_new_tokens=opts.output_len,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)
-    elapsed = time.perf_counter() - start
+    times = []
+    for _ in range(opts.repeats):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(torch.tensor(prompts[:1]), max_new_tokens=opts.output_len,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)
+        times.append(time.perf_counter() - start)
+    elapsed = statistics.median(times)
     hf_tokens = out.shape[1] - opts.prompt_len
     rows.append({"system": "transformers generate", "concurrency": 1, "output_tokens": hf_tokens,
                  "seconds": elapsed, "output_tok_s": hf_tokens / elapsed})

@@ -40,6 +40,7 @@ class RaggedBatch:
     compressed_slot_mapping: dict[int, torch.Tensor]  # ratio -> [T] int64
     logits_indices: torch.Tensor  # [S] int64
     scheduled: list[ScheduledRequest]
+    num_closing: dict[int, int] | None = None  # ratio -> tokens that close an entry (host int)
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +89,10 @@ def build_batch(out: SchedulerOutput, layout: KVCacheLayout) -> RaggedBatch:
         block_tables[i, : len(s.request.block_table)] = torch.tensor(s.request.block_table)
     ratios = sorted({m for m in layout.spec.compress_ratios if m})
     sample_rows = [i for i, s in enumerate(scheduled) if s.samples]
+    compressed = {
+        m: compressed_slot_mapping(block_tables, seq_index, positions, m, layout.block_size)
+        for m in ratios
+    }
     return RaggedBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64),
         positions=positions,
@@ -100,10 +105,8 @@ def build_batch(out: SchedulerOutput, layout: KVCacheLayout) -> RaggedBatch:
         window_slot_mapping=window_slot_mapping(
             state_slots[seq_index], positions, layout.spec.sliding_window
         ),
-        compressed_slot_mapping={
-            m: compressed_slot_mapping(block_tables, seq_index, positions, m, layout.block_size)
-            for m in ratios
-        },
+        compressed_slot_mapping=compressed,
         logits_indices=query_start_loc[1:][sample_rows] - 1,
         scheduled=list(scheduled),
+        num_closing={m: int((slots >= 0).sum()) for m, slots in compressed.items()},
     )

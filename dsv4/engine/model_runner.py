@@ -119,11 +119,15 @@ class V4ModelRunner(ModelRunner):
         xf = x[0].float()
         kv = xf @ comp.wkv.weight.float().T  # [T, (1 + overlap) * dim]
         score = xf @ comp.wgate.weight.float().T + comp.ape.float()[pos % ratio]
-        idx = (batch.compressed_slot_mapping[ratio] >= 0).nonzero().squeeze(1)
-        rows_kv, ok = ring_context(self.pools[f"{state}_kv"], kv, batch, idx)  # [E, R, C]
-        rows_score, _ = ring_context(self.pools[f"{state}_score"], score, batch, idx)
+        closing = batch.num_closing is None or batch.num_closing[ratio] > 0
+        if closing:
+            idx = (batch.compressed_slot_mapping[ratio] >= 0).nonzero().squeeze(1)
+            rows_kv, ok = ring_context(self.pools[f"{state}_kv"], kv, batch, idx)  # [E, R, C]
+            rows_score, _ = ring_context(self.pools[f"{state}_score"], score, batch, idx)
         write_ring(self.pools[f"{state}_kv"], kv, batch)
         write_ring(self.pools[f"{state}_score"], score, batch)
+        if not closing:  # most decode steps: no window closes, only the rings move
+            return
         if comp.overlap:  # the previous window's Ca rows, then this window's Cb rows
             rows_kv = torch.cat([rows_kv[:, :ratio, :dim], rows_kv[:, ratio:, dim:]], dim=1)
             rows_score = torch.cat([rows_score[:, :ratio, :dim], rows_score[:, ratio:, dim:]],

@@ -76,10 +76,11 @@ def context_rows(
         0, max(fresh.shape[0] - 1, 0)
     )
     ring_flat = ring.reshape(-1, *ring.shape[2:])
-    if fp8:  # unpack only the ring rows that are read
+    if fp8 or ring_rows.numel() < ring_flat.shape[0]:
+        # few rows read (decode) or packed FP8: gather (and unpack) just those rows
         ring_vals = _rows_out(ring_flat[ring_rows], fp8).to(fresh.dtype)
         vals = torch.where(from_ring[..., None], ring_vals, fresh[fresh_rows])
-    else:  # one gather from [ring rows; fresh rows]
+    else:  # many rows read (prefill): one gather from [ring rows; fresh rows] is cheaper
         source = torch.cat([ring_flat.to(fresh.dtype), fresh], dim=0)
         rows = torch.where(from_ring, ring_rows, ring_flat.shape[0] + fresh_rows)
         vals = source[rows]
