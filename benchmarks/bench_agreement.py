@@ -1,8 +1,8 @@
 """Agreement check: dsv4's bench and NVIDIA's aiperf measure the same server and workload.
 
-Runs `aiperf profile` and `dsv4 bench serve` one after the other against one OpenAI-compatible
-endpoint with the same load (fixed concurrency, request count, prompt and output lengths, the
-`max_tokens` field, streaming with usage), then prints the medians of TTFT and TPOT and the
+Runs `aiperf profile` and then `dsv4 bench serve` against one OpenAI-compatible endpoint with
+the same load: dsv4 replays the very prompts aiperf generated (its inputs.json), with the same
+concurrency, request count, output length (`max_tokens`), streaming with usage. Then it prints the medians of TTFT and TPOT and the
 output token throughput side by side, a table first and one JSON line last. The tools agree
 when every relative difference is within --tolerance (10% by default).
 
@@ -62,11 +62,22 @@ def run_aiperf(args: argparse.Namespace, out_dir: Path) -> dict:
     }
 
 
-def run_dsv4(args: argparse.Namespace, out_dir: Path) -> dict:
+def aiperf_prompts_as_jsonl(aiperf_dir: Path, out: Path) -> Path:
+    """The exact chat messages aiperf sent (its inputs.json), one JSON line each, so that
+    dsv4's bench replays the same workload: only the measuring differs."""
+    sessions = json.loads((aiperf_dir / "inputs.json").read_text())["data"]
+    with open(out, "w") as f:
+        for session in sessions:
+            for payload in session["payloads"]:
+                f.write(json.dumps({"messages": payload["messages"]}) + "\n")
+    return out
+
+
+def run_dsv4(args: argparse.Namespace, out_dir: Path, prompts: Path) -> dict:
     result_file = out_dir / "dsv4.json"
     cmd = [
         sys.executable, "-m", "dsv4.cli", "bench", "serve", "--base-url", args.base_url,
-        "--model", args.model, "--dataset", "random", "--input-len", str(args.input_len),
+        "--model", args.model, "--dataset", "jsonl", "--dataset-path", str(prompts),
         "--output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
         "--concurrency", str(args.concurrency), "--num-warmups", str(args.num_warmups),
         "--seed", str(args.seed), "--result-file", str(result_file), "--disable-tqdm",
@@ -112,7 +123,7 @@ def main() -> int:
 
     out = Path(args.out_dir or tempfile.mkdtemp(prefix="bench-agreement-"))
     aiperf = run_aiperf(args, out / "aiperf")
-    dsv4 = run_dsv4(args, out)
+    dsv4 = run_dsv4(args, out, aiperf_prompts_as_jsonl(out / "aiperf", out / "prompts.jsonl"))
 
     rows = []
     print(f"{'metric':<28}{'dsv4 bench':>14}{'aiperf':>14}{'diff':>10}")
