@@ -1,0 +1,45 @@
+"""The bundled dsv4-tiny: stored as the release is (FP8 linears, FP4 experts), small enough to
+ship, and loaded through the engine it answers what it was trained on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import safe_open
+
+from dsv4.chat import Tokenizer, encode_messages, parse_completion
+from dsv4.engine.llm import LLM
+from dsv4.engine.sampling_params import SamplingParams
+from dsv4.train.data import CAPABILITIES, TOOL_NAMES, TOOLS
+from dsv4.train.evaluate import BUNDLED
+
+
+def test_bundled_files_are_fp8_and_fp4_and_under_30_mb():
+    size = sum(p.stat().st_size for p in Path(BUNDLED).iterdir())
+    assert size < 30 * 2**20, size
+    with safe_open(str(BUNDLED / "model.safetensors"), "pt") as f:
+        def kind(name):
+            return f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()
+
+        # FP8 e4m3 linear with UE8M0 block scales
+        assert kind("layers.0.attn.wq_a.weight") == ("F8_E4M3", [128, 256])
+        assert kind("layers.0.attn.wq_a.scale")[0] == "F8_E8M0"
+        # FP4 e2m1 expert: two values per int8 byte, one UE8M0 scale per 32 values
+        assert kind("layers.1.ffn.experts.0.w1.weight") == ("I8", [256, 128])
+        assert kind("layers.1.ffn.experts.0.w1.scale") == ("F8_E8M0", [256, 8])
+
+
+def test_bundled_model_answers_through_the_engine():
+    tok = Tokenizer.from_folder(BUNDLED)
+    llm = LLM(model=str(BUNDLED), device="cpu", dtype="fp32", max_num_seqs=4, tokenizer=tok)
+    chat = encode_messages([{"role": "user", "content": "What can you do?"}], "chat")
+    tool = encode_messages([{"role": "system", "content": "You are a helpful assistant.",
+                             "tools": TOOLS},
+                            {"role": "user", "content": "Use the calculator for 12 * 7."}],
+                           "chat")
+    params = SamplingParams(temperature=0, max_tokens=80)
+    reply, call = llm.generate([tok.encode(chat), tok.encode(tool)], params)
+    assert parse_completion(tok.decode(reply.token_ids), "chat")["content"] == CAPABILITIES
+    message = parse_completion(tok.decode(call.token_ids), "chat")
+    [tool_call] = message["tool_calls"]  # a well-formed DSML call of one of its tools
+    assert tool_call["function"]["name"] in TOOL_NAMES
