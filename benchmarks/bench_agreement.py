@@ -2,8 +2,9 @@
 
 Runs `aiperf profile` and then `dsv4 bench serve` against one OpenAI-compatible endpoint with
 the same load: dsv4 replays the very prompts aiperf generated (its inputs.json), with the same
-concurrency, request count, output length (`max_tokens`), streaming with usage. Then it prints the medians of TTFT and TPOT and the
-output token throughput side by side, a table first and one JSON line last. The tools agree
+concurrency (or Poisson request rate), request count, output length (`max_tokens`), streaming
+with usage. Then it prints the medians of TTFT and TPOT and the output token throughput side
+by side, a table first and one JSON line last. The tools agree
 when every relative difference is within --tolerance (10% by default).
 
 aiperf's "inter_token_latency" is per request (latency - TTFT) / (output tokens - 1), the same
@@ -34,7 +35,9 @@ def run_aiperf(args: argparse.Namespace, out_dir: Path) -> dict:
     cmd = [
         args.aiperf, "profile", "--model", args.model, "--url", args.base_url,
         "--endpoint-type", "chat", "--streaming", "--tokenizer", args.tokenizer,
-        "--concurrency", str(args.concurrency), "--request-count", str(args.num_prompts),
+        *(["--request-rate", str(args.request_rate), "--arrival-pattern", "poisson"]
+          if args.request_rate else ["--concurrency", str(args.concurrency)]),
+        "--request-count", str(args.num_prompts),
         "--prompt-input-tokens-mean", str(args.input_len), "--prompt-input-tokens-stddev", "0",
         "--prompt-output-tokens-mean", str(args.output_len),
         "--prompt-output-tokens-stddev", "0",
@@ -79,7 +82,9 @@ def run_dsv4(args: argparse.Namespace, out_dir: Path, prompts: Path) -> dict:
         sys.executable, "-m", "dsv4.cli", "bench", "serve", "--base-url", args.base_url,
         "--model", args.model, "--dataset", "jsonl", "--dataset-path", str(prompts),
         "--output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
-        "--concurrency", str(args.concurrency), "--num-warmups", str(args.num_warmups),
+        *(["--request-rate", str(args.request_rate)] if args.request_rate
+          else ["--concurrency", str(args.concurrency)]),
+        "--num-warmups", str(args.num_warmups),
         "--seed", str(args.seed), "--result-file", str(result_file), "--disable-tqdm",
         "--no-plot",
     ]
@@ -110,6 +115,8 @@ def main() -> int:
                    help="local HuggingFace tokenizer folder (aiperf needs one)")
     p.add_argument("--aiperf", default=shutil.which("aiperf") or "aiperf")
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="Poisson arrivals at this many requests/s instead of fixed concurrency")
     p.add_argument("--num-prompts", type=int, default=40)
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=16)
@@ -138,6 +145,7 @@ def main() -> int:
           f"agree within {args.tolerance:.0%}: {agree}; artifacts in {out}")
     print(json.dumps({"benchmark": "bench_agreement", "base_url": args.base_url,
                       "model": args.model, "concurrency": args.concurrency,
+                      "request_rate": args.request_rate,
                       "num_prompts": args.num_prompts, "input_len": args.input_len,
                       "output_len": args.output_len, "tolerance": args.tolerance,
                       "agree": agree, "rows": rows}))
