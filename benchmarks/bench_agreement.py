@@ -1,10 +1,10 @@
 """Agreement check: dsv4's bench and NVIDIA's aiperf measure the same server and workload.
 
 Runs `aiperf profile` and then `dsv4 bench serve` against one OpenAI-compatible endpoint with
-the same load: dsv4 replays the very prompts aiperf generated (its inputs.json), with the same
-concurrency (or Poisson request rate), request count, output length (`max_tokens`), streaming
-with usage. Then it prints the medians of TTFT and TPOT and the output token throughput side
-by side, a table first and one JSON line last. The tools agree
+the same load: dsv4 replays what aiperf sent as a trace (each request's prompt and the moment
+aiperf sent it, under fixed concurrency or Poisson arrivals), with the same output length
+(`max_tokens`), streaming with usage. Then it prints the medians of TTFT and TPOT and the
+output token throughput side by side, a table first and one JSON line last. The tools agree
 when every relative difference is within --tolerance (10% by default).
 
 aiperf's "inter_token_latency" is per request (latency - TTFT) / (output tokens - 1), the same
@@ -65,14 +65,19 @@ def run_aiperf(args: argparse.Namespace, out_dir: Path) -> dict:
     }
 
 
-def aiperf_prompts_as_jsonl(aiperf_dir: Path, out: Path) -> Path:
-    """The exact chat messages aiperf sent (its inputs.json), one JSON line each, so that
-    dsv4's bench replays the same workload: only the measuring differs."""
+def aiperf_trace_as_jsonl(aiperf_dir: Path, out: Path) -> Path:
+    """What aiperf sent, as a trace: each profiled request's chat messages and the time aiperf
+    sent it (its profile_export.jsonl), one JSON line each. dsv4's bench replays it, so both
+    tools see the same prompts arriving at the same moments: only the measuring differs."""
     sessions = json.loads((aiperf_dir / "inputs.json").read_text())["data"]
+    messages = {s["session_id"]: s["payloads"][0]["messages"] for s in sessions}
+    records = [json.loads(line) for line in open(aiperf_dir / "profile_export.jsonl")]
+    sent = sorted((r["metadata"]["request_start_ns"], r["metadata"]["conversation_id"])
+                  for r in records if r["metadata"].get("benchmark_phase") == "profiling")
     with open(out, "w") as f:
-        for session in sessions:
-            for payload in session["payloads"]:
-                f.write(json.dumps({"messages": payload["messages"]}) + "\n")
+        for start_ns, session in sent:
+            stamp_ms = (start_ns - sent[0][0]) / 1e6
+            f.write(json.dumps({"messages": messages[session], "timestamp": stamp_ms}) + "\n")
     return out
 
 
@@ -82,8 +87,9 @@ def run_dsv4(args: argparse.Namespace, out_dir: Path, prompts: Path) -> dict:
         sys.executable, "-m", "dsv4.cli", "bench", "serve", "--base-url", args.base_url,
         "--model", args.model, "--dataset", "jsonl", "--dataset-path", str(prompts),
         "--output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
-        *(["--request-rate", str(args.request_rate)] if args.request_rate
-          else ["--concurrency", str(args.concurrency)]),
+        # the trace sets when each request is sent; under fixed concurrency the same limit
+        # holds it back while all slots are busy, as aiperf did
+        *([] if args.request_rate else ["--concurrency", str(args.concurrency)]),
         "--num-warmups", str(args.num_warmups),
         "--seed", str(args.seed), "--result-file", str(result_file), "--disable-tqdm",
         "--no-plot",
@@ -130,7 +136,7 @@ def main() -> int:
 
     out = Path(args.out_dir or tempfile.mkdtemp(prefix="bench-agreement-"))
     aiperf = run_aiperf(args, out / "aiperf")
-    dsv4 = run_dsv4(args, out, aiperf_prompts_as_jsonl(out / "aiperf", out / "prompts.jsonl"))
+    dsv4 = run_dsv4(args, out, aiperf_trace_as_jsonl(out / "aiperf", out / "trace.jsonl"))
 
     rows = []
     print(f"{'metric':<28}{'dsv4 bench':>14}{'aiperf':>14}{'diff':>10}")

@@ -131,3 +131,19 @@ def test_bad_files_name_the_problem(tmp_path):
         load_requests("sharegpt", 1)
     with pytest.raises(ValueError, match="tokenizer.json"):
         TextTokenizer(tmp_path)
+
+
+def test_jsonl_trace_timestamps(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    path.write_text('{"prompt": "a", "output_len": 3, "timestamp": 1500}\n'
+                    '{"prompt": "b", "output_len": 3, "timestamp": 1000}\n'
+                    '{"prompt": "c", "output_len": 3, "timestamp": 1250.5}\n')
+    samples = jsonl_requests(path, 3)
+    assert [s.send_time_s for s in samples] == pytest.approx([0.5, 0.0, 0.2505])
+    with pytest.raises(ValueError, match="fewer than --num-prompts 4"):
+        jsonl_requests(path, 4)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "a", "output_len": 3, "timestamp": 1}\n'
+                     '{"prompt": "b", "output_len": 3}\n')
+    with pytest.raises(ValueError, match="every line"):
+        jsonl_requests(mixed, 2)

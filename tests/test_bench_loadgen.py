@@ -119,3 +119,12 @@ def test_bench_never_imports_torch():
             "dsv4.bench.report, dsv4.bench.loadgen; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_trace_is_replayed_at_its_own_send_times():
+    srv = SleepyServer(0.001)
+    stamps = [0.0, 0.05, 0.06, 0.2]
+    samples = [SampleRequest(f"p{i}", 4, send_time_s=t) for i, t in enumerate(stamps)]
+    res = asyncio.run(run_load(samples, srv.send, LoadShape(num_prompts=4)))
+    sends = [r.send_time_s for r in sorted(res.records, key=lambda r: r.index)]
+    assert sends == pytest.approx(stamps, abs=0.02)

@@ -33,6 +33,7 @@ class SampleRequest:
     output_len: int | None
     prompt_len: int | None = None
     messages: list[dict[str, Any]] | None = None
+    send_time_s: float | None = None  # a trace's send time, relative to the first request
 
 
 class TextTokenizer:
@@ -183,7 +184,9 @@ def jsonl_requests(
     output_len: int | None = None,
 ) -> list[SampleRequest]:
     """One JSON object per line: {"prompt": str} or {"messages": [...]}, optional "output_len"
-    (or "max_tokens"); --output-len fills in where a line has none."""
+    (or "max_tokens"); --output-len fills in where a line has none. A file whose every line has
+    a "timestamp" (milliseconds, as in request traces) is a trace: it is replayed at those
+    times (relative to the first), and must hold at least --num-prompts lines."""
     samples: list[SampleRequest] = []
     with open(_existing(path), encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -203,9 +206,25 @@ def jsonl_requests(
             messages = obj.get("messages")
             prompt = obj.get("prompt") or "\n".join(str(m.get("content", "")) for m in messages)
             prompt_len = tokenizer.count(prompt) if tokenizer else None
-            samples.append(SampleRequest(prompt, int(n_out), prompt_len, messages))
+            stamp = obj.get("timestamp")
+            if stamp is not None and not isinstance(stamp, (int, float)):
+                raise ValueError(f'{path}:{lineno} "timestamp" must be a number of milliseconds')
+            samples.append(SampleRequest(prompt, int(n_out), prompt_len, messages,
+                                         None if stamp is None else stamp / 1000.0))
     if not samples:
         raise ValueError(f"JSONL file {path} holds no prompts")
+    stamps = [s.send_time_s for s in samples]
+    if any(t is not None for t in stamps):
+        if None in stamps:
+            raise ValueError(f'{path}: some lines have a "timestamp" and some do not; a trace '
+                             "needs one on every line")
+        if len(samples) < num_prompts:
+            raise ValueError(f"trace {path} has {len(samples)} requests, fewer than "
+                             f"--num-prompts {num_prompts}; a trace is not repeated")
+        first = min(stamps)
+        for sample in samples:
+            sample.send_time_s -= first
+        return samples[:num_prompts]
     return _cycle(samples, num_prompts)
 
 

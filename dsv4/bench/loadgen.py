@@ -5,7 +5,8 @@ scale = 1 / (rate * burstiness), so the mean gap is 1/rate for any burstiness; b
 a Poisson process, below 1 burstier (more variance), above 1 more regular (CV^2 = 1/burstiness).
 With a request count, the cumulative arrival times are rescaled so the last one lands at exactly
 num/rate (vLLM does this to stop seed-to-seed drift of the offered load). A concurrency limit
-applies on top: an arrived request waits for a free slot.
+applies on top: an arrived request waits for a free slot. Samples that carry their own send
+times (a replayed trace) are sent at those times instead.
 """
 
 from __future__ import annotations
@@ -116,8 +117,12 @@ async def run_load(
     start_s = time.perf_counter()
     tasks: list[asyncio.Task[RequestRecord]] = []
     if shape.num_prompts is not None:
-        times = arrival_times_s(shape.num_prompts, shape.request_rate, shape.burstiness,
-                                shape.seed)
+        batch = samples[: shape.num_prompts]
+        if len(batch) == shape.num_prompts and all(s.send_time_s is not None for s in batch):
+            times = [s.send_time_s for s in batch]  # a trace: its own send times
+        else:
+            times = arrival_times_s(shape.num_prompts, shape.request_rate, shape.burstiness,
+                                    shape.seed)
         for i, t in enumerate(times):
             delay = start_s + float(t) - time.perf_counter()
             if delay > 0:
