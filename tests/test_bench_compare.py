@@ -119,3 +119,19 @@ def test_terminal_table_lists_failures(files, capsys):
     out = capsys.readouterr().out
     assert "Output token throughput (tok/s)" in out and "1,000.00" in out
     assert "3 x HTTP 503: overloaded" in out
+
+
+def test_a_planner_answer_is_a_prediction(tmp_path, capsys):
+    """`dsv4 plan --json` output is read as the hardware bound, in compare's own keys."""
+    from dsv4.bench.compare import load_prediction
+
+    assert main(["plan", "--model", "v4-flash", "--hardware", "h100", "--devices", "8",
+                 "--input-len", "128", "--output-len", "32", "--json"]) == 0
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(capsys.readouterr().out)
+    plan = json.loads(plan_file.read_text())
+    pred = load_prediction(plan_file)
+    assert pred["tpot_ms"] == plan["tpot_ms_lower_bound"]
+    assert pred["output_throughput_tok_s"] == pytest.approx(
+        plan["decode_tokens_per_s_per_device"] * 8)
+    assert "v4-flash" in pred["source"]

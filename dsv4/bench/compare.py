@@ -39,6 +39,19 @@ def _ratio(b: float | None, a: float | None) -> float | None:
     return b / a
 
 
+def from_planner(plan: dict[str, Any]) -> dict[str, Any]:
+    """The bounds of a `dsv4 plan --json` answer in the keys compare reads: the deployment's
+    best output throughput (per device x devices), lowest TPOT and TTFT."""
+    return {
+        "output_throughput_tok_s": plan["decode_tokens_per_s_per_device"] * plan["devices"],
+        "tpot_ms": plan["tpot_ms_lower_bound"],
+        "ttft_ms": plan["ttft_ms_lower_bound"],
+        "source": f"dsv4 plan: {plan.get('model')} on {plan.get('devices')}x "
+                  f"{plan.get('hardware')}, {plan.get('input_len')} in / "
+                  f"{plan.get('output_len')} out",
+    }
+
+
 def load_prediction(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -47,6 +60,8 @@ def load_prediction(path: str | Path) -> dict[str, Any]:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"prediction file {p} is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and "tpot_ms_lower_bound" in data:
+        data = from_planner(data)
     if not isinstance(data, dict) or not any(k in data for k in PREDICTION_KEYS):
         raise ValueError(
             f"prediction file {p} needs at least one of {', '.join(PREDICTION_KEYS)}"
