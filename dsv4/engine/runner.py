@@ -59,6 +59,11 @@ class ModelRunner(abc.ABC):
        score ties by entry index, so the choice does not depend on the batch's entry width.
     4. attention of each token over [win (masked by win_ok), its request's selected entries]
        with the sink; comp is per request: index it with `batch.seq_index`.
+
+    The V4 runner (model_runner.py) reads the window more cheaply than step 1 says: prefill
+    chunks attend in `query_blocks` of 64 tokens that share one `window_band` of 64 + W - 1
+    rows, so a cached row is gathered about twice rather than W times; decodes attend token by
+    token (blocks of one). The math is the same.
     """
 
     vocab_size: int
