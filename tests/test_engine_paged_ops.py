@@ -16,7 +16,9 @@ from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout
 from dsv4.engine.paged_ops import (
     compressed_visibility,
     gather_compressed,
+    query_blocks,
     ring_context,
+    window_band,
     write_compressed,
     write_ring,
 )
@@ -74,6 +76,18 @@ def _run(prompt_lens, budget, fp8=False, num_blocks=16, max_tokens=3):
         assert torch.equal(valid, want_pos >= 0)
         want = kv[tok_req[:, None], want_pos.clamp(min=0)] * valid[..., None]
         assert torch.equal(ctx.float() * valid[..., None], want)  # invalid rows: junk
+        # the same keys through blocks of queries sharing one band (how prefill reads them)
+        for size in (1, 4, 64):
+            blocks = query_blocks(batch, size, torch.ones(len(out.scheduled), dtype=torch.bool))
+            assert torch.equal(blocks.tokens, torch.arange(batch.num_tokens))
+            flat_pos = blocks.positions.flatten()[blocks.slot]
+            assert torch.equal(flat_pos, batch.positions)  # every token lands in its slot
+            band, ok = window_band(ring, fresh, batch, blocks, fp8=fp8)  # [NB, K], [NB, s, K]
+            per_token = ok.flatten(0, 1)[blocks.slot]  # [T, K]
+            assert torch.equal(per_token.sum(1), valid.sum(1))  # same number of keys...
+            rows = band[blocks.slot // size]  # ...and the same rows, oldest first
+            got = rows[per_token[..., None].expand_as(rows)].view(-1, DIM)
+            assert torch.equal(got.float(), ctx[valid].float())
         write_ring(ring, fresh, batch, fp8=fp8)
         # compressed: closing tokens write their entry, then all visible entries read back
         slots = batch.compressed_slot_mapping[4]
