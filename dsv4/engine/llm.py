@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from dsv4.engine.config import EngineConfig
@@ -39,8 +40,9 @@ class LLM:
     outs = llm.generate(["Hello", [0, 42, 7]], SamplingParams(temperature=0, max_tokens=32))
     outs[0].text, outs[0].token_ids, outs[0].finish_reason
 
-    `runner` replaces the model runner built from `model` (another backend, or a test double);
-    it must follow the ModelRunner contract and carry its cache layout.
+    Text prompts and stop strings use `tokenizer`, by default the model folder's
+    tokenizer.json. `runner` replaces the model runner built from `model` (another backend, or
+    a test double); it must follow the ModelRunner contract and carry its cache layout.
     """
 
     def __init__(
@@ -77,7 +79,7 @@ class LLM:
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             max_model_len=self.config.max_model_len or model_max_len,
-            tokenizer=tokenizer,
+            tokenizer=tokenizer if tokenizer is not None else _folder_tokenizer(model),
         )
 
     # the server drives these directly
@@ -115,13 +117,18 @@ class LLM:
 def _build_runner(
     model: str | os.PathLike, device: str | None, dtype: str | None, config: EngineConfig
 ) -> tuple[ModelRunner, int]:
-    """The paged V4 runner over dsv4.model. This is the seam the model branch plugs into."""
-    try:
-        from dsv4.engine.model_runner import V4ModelRunner  # written with the model
-    except ImportError as exc:
-        raise RuntimeError(
-            "this build of dsv4 has no V4 model runner yet (dsv4.engine.model_runner); "
-            "pass runner=... or install a build that includes dsv4.model"
-        ) from exc
+    """The paged V4 runner over dsv4.model."""
+    from dsv4.engine.model_runner import V4ModelRunner
+
     runner = V4ModelRunner.from_pretrained(model, device=device, dtype=dtype, config=config)
     return runner, runner.max_model_len
+
+
+def _folder_tokenizer(model: str | os.PathLike | None) -> Any:
+    """The tokenizer.json next to the weights, if there is one (released checkpoints and
+    dsv4-tiny ship one); None otherwise, and then prompts must be token ids."""
+    if model is None or not (Path(model) / "tokenizer.json").is_file():
+        return None
+    from dsv4.chat.tokenizer import Tokenizer
+
+    return Tokenizer.from_folder(model)
