@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         dest="shutdown_timeout_s",
                         help="seconds in-flight requests get to finish on shutdown")
     parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads (on a busy CPU, 1 is often fastest)")
+                        help="torch.set_num_threads (default on the CPU: one fewer than the cores, "
+                             "leaving one to the HTTP side)")
     parser.add_argument("--log-level", default=d["log_level"].default)
 
 
