@@ -62,3 +62,11 @@ def test_eval_scores_every_task_on_the_held_out_split(tmp_path):
                 "mtp_acceptance"):
         assert 0.0 <= scores[key] <= 1.0, key
     assert scores["num_examples"] == 12
+
+
+def test_time_limit_ends_the_schedule():
+    args = ModelArgs(**TINY)
+    result = train(args, TrainConfig(steps=10**6, batch_tokens=300, num_examples=50,
+                                      vocab_size=1200, time_limit=2.0), progress=False)
+    assert 1 <= len(result["history"]) < 10**6
+    assert result["seconds"] < 2.0 + 5.0  # the step running at the limit finishes

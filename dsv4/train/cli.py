@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                       time_limit=args.time_limit)
     result = train(model_args, cfg, out_dir=args.out, device=args.device,
                    bf16_dir=args.bf16_out)
-    last = result["history"][-20:]
+    last = result["history"][-20:] or [{"loss": float("nan"), "mtp_loss": float("nan")}]
     summary = {"steps": len(result["history"]), "out": args.out,
                "train_seconds": round(result["seconds"], 1),
                "tokens_per_second": round(result["tokens"] / result["seconds"]),

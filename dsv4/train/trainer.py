@@ -160,6 +160,27 @@ def losses(model: Transformer, ids: torch.Tensor, mask: torch.Tensor, mtp: bool 
     return main, F.cross_entropy(draft[target2], ids[:, 2:][target2])
 
 
+def _step(model: Transformer, optimizers, data: list, cfg: TrainConfig, rng: random.Random,
+          pad_id: int, device: str) -> tuple[float, float, int]:
+    """One optimizer step over `cfg.micro_batches` runs of similar length (gradients summed);
+    -> (next-token loss, MTP loss, padded tokens seen)."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    main = mtp = 0.0
+    tokens = 0
+    for _ in range(cfg.micro_batches):
+        run = _similar_lengths(data, cfg.batch_tokens // cfg.micro_batches, rng)
+        ids, mask = (t.to(device) for t in _batch(run, pad_id))
+        part_main, part_mtp = losses(model, ids, mask)
+        ((part_main + cfg.mtp_weight * part_mtp) / cfg.micro_batches).backward()
+        main += part_main.item() / cfg.micro_batches
+        mtp += part_mtp.item() / cfg.micro_batches
+        tokens += int(ids.numel())
+    for opt in optimizers:
+        opt.step()
+    return main, mtp, tokens
+
+
 def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
           device: str = "cpu", progress: bool = True, bf16_dir: str | Path | None = None) -> dict:
     """Train from scratch; returns the loss history. Writes the model (FP8 + FP4) when out_dir
@@ -200,19 +221,9 @@ def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
             for opt, base in ((muon, cfg.lr), (adamw, cfg.adamw_lr)):
                 for group in opt.param_groups:
                     group["lr"] = base * max(scale, 0.05)
-            muon.zero_grad(set_to_none=True)
-            adamw.zero_grad(set_to_none=True)
-            main = mtp = 0.0
-            for _ in range(cfg.micro_batches):
-                run = _similar_lengths(data, cfg.batch_tokens // cfg.micro_batches, rng)
-                ids, mask = (t.to(device) for t in _batch(run, tokenizer.eos_id))
-                part_main, part_mtp = losses(model, ids, mask)
-                ((part_main + cfg.mtp_weight * part_mtp) / cfg.micro_batches).backward()
-                main += part_main.item() / cfg.micro_batches
-                mtp += part_mtp.item() / cfg.micro_batches
-                tokens += int(ids.numel())
-            muon.step()
-            adamw.step()
+            main, mtp, step_tokens = _step(model, (muon, adamw), data, cfg, rng,
+                                           tokenizer.eos_id, device)
+            tokens += step_tokens
             imbalance = load.rebalance(cfg.bias_update_rate)
             history.append({"step": step, "loss": main, "mtp_loss": mtp,
                             "max_expert_load": imbalance})
