@@ -198,7 +198,9 @@ def test_completions_endpoint_and_poisson_rate(tmp_path, server):
                     "--num-warmups", "0", "--no-plot")
     assert rc == 0 and res["metrics"]["completed"] == 10
     sends = sorted(r["send_time_s"] for r in res["requests"])
-    assert sends[-1] == pytest.approx(10 / 40, abs=0.06)  # last arrival at num / rate
+    # the last arrival is scheduled at num / rate: never sent before it; on a busy 2-core CI
+    # box the event loop can be late by a few hundred ms, but not by a whole second
+    assert 10 / 40 - 0.02 <= sends[-1] < 10 / 40 + 1.0
     assert res["config"]["request_rate"] == 40.0
 
 
