@@ -40,7 +40,7 @@ class RaggedBatch:
     compressed_slot_mapping: dict[int, torch.Tensor]  # ratio -> [T] int64
     logits_indices: torch.Tensor  # [S] int64
     scheduled: list[ScheduledRequest]
-    num_closing: dict[int, int] | None = None  # ratio -> tokens that close an entry (host int)
+    num_closing: dict[int, int]  # ratio -> tokens that close an entry (a host int: no sync)
 
     @property
     def num_tokens(self) -> int:

@@ -119,7 +119,7 @@ class V4ModelRunner(ModelRunner):
         xf = x[0].float()
         kv = xf @ comp.wkv.weight.float().T  # [T, (1 + overlap) * dim]
         score = xf @ comp.wgate.weight.float().T + comp.ape.float()[pos % ratio]
-        closing = batch.num_closing is None or batch.num_closing[ratio] > 0
+        closing = batch.num_closing[ratio] > 0
         if closing:
             idx = (batch.compressed_slot_mapping[ratio] >= 0).nonzero().squeeze(1)
             rows_kv, ok = ring_context(self.pools[f"{state}_kv"], kv, batch, idx)  # [E, R, C]

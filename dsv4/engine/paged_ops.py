@@ -91,18 +91,17 @@ def context_rows(
 class QueryBlocks:
     """This step's tokens cut into blocks of `size` consecutive tokens of one request, so that
     a block's queries share one window band of size + W - 1 keys (prefill reads each cached
-    row about twice, not W times). The last block of a request is padded (valid False).
+    row about twice, not W times). A request's last block may be padded: its extra slots
+    point at whatever tokens follow, and their outputs are never read.
 
-    token_index, positions, valid: [NB, size]; seq, last_pos: [NB];
+    token_index, positions: [NB, size]; seq: [NB];
     slot: [N] the flat block slot (block * size + offset) of each selected token;
     tokens: [N] the selected tokens, in batch order."""
 
     size: int
     token_index: torch.Tensor
     positions: torch.Tensor
-    valid: torch.Tensor
     seq: torch.Tensor
-    last_pos: torch.Tensor
     slot: torch.Tensor
     tokens: torch.Tensor
 
@@ -116,7 +115,6 @@ def query_blocks(batch: RaggedBatch, size: int, requests: torch.Tensor) -> Query
     seq = torch.repeat_interleave(torch.arange(len(num_new), device=device), num_blocks)
     local = (torch.arange(len(seq), device=device) - first_block[seq]) * size  # [NB]
     offsets = local[:, None] + torch.arange(size, device=device)  # [NB, size]
-    valid = offsets < num_new[seq][:, None]
     token_index = (batch.query_start_loc[seq][:, None] + offsets).clamp(
         max=max(batch.num_tokens - 1, 0))
     positions = batch.start_pos[seq][:, None] + offsets
@@ -124,7 +122,7 @@ def query_blocks(batch: RaggedBatch, size: int, requests: torch.Tensor) -> Query
     tseq = batch.seq_index[tokens]
     rank = tokens - batch.query_start_loc[tseq]
     slot = (first_block[tseq] + rank // size) * size + rank % size
-    return QueryBlocks(size, token_index, positions, valid, seq, positions[:, -1], slot, tokens)
+    return QueryBlocks(size, token_index, positions, seq, slot, tokens)
 
 
 def window_band(ring: torch.Tensor, fresh: torch.Tensor, batch: RaggedBatch,
@@ -132,7 +130,7 @@ def window_band(ring: torch.Tensor, fresh: torch.Tensor, batch: RaggedBatch,
     """Each block's window keys: values [NB, K, C] with K = size + W - 1 and valid
     [NB, size, K] (key within the W positions ending at the query)."""
     window = ring.shape[1]
-    vals, key_pos = context_rows(ring, fresh, batch, blocks.seq, blocks.last_pos,
+    vals, key_pos = context_rows(ring, fresh, batch, blocks.seq, blocks.positions[:, -1],
                                  blocks.size + window - 1, fp8)
     q = blocks.positions[:, :, None]
     k = key_pos[:, None, :]

@@ -326,9 +326,9 @@ class _Choice:
     def advance(self, comp: CompletionOutput) -> ChoiceUpdate | None:
         if self.finished:
             return None
-        new_text = comp.text[len(self.text):] if comp.text.startswith(self.text) else ""
-        if comp.text.startswith(self.text):
-            self.text = comp.text
+        new_text = ""
+        if comp.text.startswith(self.text):  # a held-back tail may not have grown yet
+            new_text, self.text = comp.text[len(self.text):], comp.text
         update = ChoiceUpdate(self.index, num_new_tokens=len(comp.token_ids) - self.num_tokens)
         self.num_tokens = len(comp.token_ids)
         if comp.logprobs:
