@@ -44,10 +44,13 @@ def test_arithmetic_answers_are_right_and_reasoning_only_in_thinking_mode():
 
 
 def test_tool_conversations_are_consistent():
-    kinds_of_values = set()
+    kinds_of_values, tool_counts = set(), set()
     for e in data.generate_examples(300, seed=5, families={"tool": 1.0}):
         system, user, call, result, final = e.messages
-        assert system["tools"] == data.TOOLS
+        offered = [t["function"]["name"] for t in system["tools"]]
+        assert e.expected["tool"] in offered and set(offered) <= set(data.TOOL_NAMES)
+        assert len(set(offered)) == len(offered) and system["tools"] == e.tools
+        tool_counts.add(len(offered))
         tool_call = call["tool_calls"][0]
         assert tool_call["function"]["name"] == e.expected["tool"]
         arguments = json.loads(tool_call["function"]["arguments"])
@@ -58,6 +61,19 @@ def test_tool_conversations_are_consistent():
         kinds_of_values |= {type(v).__name__ for v in arguments.values()}
     # DSML needs both string="true" and string="false" parameters
     assert {"str", "int"} <= kinds_of_values
+    assert tool_counts == {1, 2, 3, 4}  # from the needed tool alone to every tool
+
+
+@pytest.mark.parametrize(("a", "b", "steps"), [
+    (42, 38, "2 < 8, borrow: 12 - 8 = 4, write 4; 4 - 1 - 3 = 0, write 0"),
+    (100, 1, "0 < 1, borrow: 10 - 1 = 9, write 9; 0 - 1 < 0, borrow: 9 - 0 = 9, write 9; "
+              "1 - 1 - 0 = 0, write 0"),
+    (35, 47, "Subtract 35 from 47 column by column: 7 - 5 = 2"),  # negative: the other way
+])
+def test_subtraction_reasoning_borrows_column_by_column(a, b, steps):
+    text = data._digits_reasoning_sub(a, b)
+    assert text.endswith(f"{a} - {b} = {a - b}.")
+    assert steps in text
 
 
 def test_calculator_rejects_anything_but_arithmetic():

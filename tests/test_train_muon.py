@@ -39,3 +39,10 @@ def test_muon_with_adamw_fits_a_small_model():
 def test_muon_refuses_non_matrices():
     with pytest.raises(ValueError, match="AdamW"):
         Muon([torch.nn.Parameter(torch.zeros(3))])
+
+
+def test_orthogonalize_batches_like_one_at_a_time():
+    stack = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(1))
+    together = orthogonalize(stack)
+    for i in range(3):
+        torch.testing.assert_close(together[i], orthogonalize(stack[i]), atol=1e-2, rtol=0)

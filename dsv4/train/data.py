@@ -104,6 +104,8 @@ TOOLS: list[dict] = [
     ),
 ]
 TOOL_NAMES = tuple(t["function"]["name"] for t in TOOLS)
+# How many tools a conversation offers besides the one it needs (weights of 0, 1, 2, 3 more).
+EXTRA_TOOL_WEIGHTS = (0.35, 0.35, 0.15, 0.15)
 
 
 @dataclass
@@ -152,12 +154,29 @@ def _digits_reasoning_add(a: int, b: int) -> str:
     return f"Add {a} and {b} column by column: " + "; ".join(steps) + f". So {a} + {b} = {a + b}."
 
 
+def _column_subtraction(a: int, b: int) -> str:
+    """Right-to-left column subtraction of b from a (a >= b), borrowing as on paper."""
+    steps, borrow = [], 0
+    da, db = str(a)[::-1], str(b)[::-1]
+    for i, digit in enumerate(da):
+        x, y = int(digit), int(db[i]) if i < len(db) else 0
+        top = x - borrow
+        borrowed = f"{x} - {borrow}" if borrow else f"{x}"
+        if top < y:
+            steps.append(f"{borrowed} < {y}, borrow: {top + 10} - {y} = {top + 10 - y}, "
+                         f"write {top + 10 - y}")
+            borrow = 1
+        else:
+            steps.append(f"{borrowed} - {y} = {top - y}, write {top - y}")
+            borrow = 0
+    return f"Subtract {b} from {a} column by column: " + "; ".join(steps) + "."
+
+
 def _digits_reasoning_sub(a: int, b: int) -> str:
     if a >= b:
-        return f"{a} - {b}: take {b // 10 * 10} from {a} to get {a - b // 10 * 10}, then take " \
-            f"{b % 10} to get {a - b}. So {a} - {b} = {a - b}."
-    return f"{b} is larger than {a}, so the result is negative: {b} - {a} = {b - a}. " \
-        f"So {a} - {b} = {a - b}."
+        return f"{_column_subtraction(a, b)} So {a} - {b} = {a - b}."
+    return f"{b} is larger than {a}, so the result is negative. {_column_subtraction(b, a)} " \
+        f"So {b} - {a} = {b - a} and {a} - {b} = {a - b}."
 
 
 def _digits_reasoning_mul(a: int, b: int) -> str:
@@ -165,9 +184,9 @@ def _digits_reasoning_mul(a: int, b: int) -> str:
     if tens == 0:
         return f"{a} times {b} is {a * b}. So {a} * {b} = {a * b}."
     return (
-        f"Split {a} into {tens * 10} + {ones}: {tens * 10} * {b} = {tens * 10 * b}, "
-        f"{ones} * {b} = {ones * b}, and {tens * 10 * b} + {ones * b} = {a * b}. "
-        f"So {a} * {b} = {a * b}."
+        f"Split {a} into {tens * 10} + {ones}: {tens} * {b} = {tens * b}, so "
+        f"{tens * 10} * {b} = {tens * 10 * b}; {ones} * {b} = {ones * b}; "
+        f"{tens * 10 * b} + {ones * b} = {a * b}. So {a} * {b} = {a * b}."
     )
 
 
@@ -329,6 +348,17 @@ def _tool_turns(spec: tuple, rng: random.Random) -> tuple[str, dict, dict, str]:
     return question, arguments, result, f"It is {shown} in {city}."
 
 
+def _offered_tools(rng: random.Random, needed: str) -> list[dict]:
+    """The needed tool among a random few others, in random order. Requests offer different
+    tool sets, and each tool schema costs about 70 prompt tokens on top of a fixed ~240-token
+    template, so shorter lists also let a training step see more tool calls."""
+    others = [t for t in TOOLS if t["function"]["name"] != needed]
+    extra = rng.choices(range(len(EXTRA_TOOL_WEIGHTS)), EXTRA_TOOL_WEIGHTS)[0]
+    offered = [TOOLS[TOOL_NAMES.index(needed)]] + rng.sample(others, extra)
+    rng.shuffle(offered)
+    return offered
+
+
 def _tool_use(rng: random.Random, mode: str, held_out: bool, index: int) -> Example:
     while True:
         spec = _tool_spec(rng)
@@ -345,15 +375,16 @@ def _tool_use(rng: random.Random, mode: str, held_out: bool, index: int) -> Exam
         call["reasoning_content"] = f"The user needs {spec[0]}, so I will call it."
         answer["reasoning_content"] = "The tool returned the result; I will report it."
     system = rng.choice(SYSTEM_PROMPTS[:2])
+    tools = _offered_tools(rng, spec[0])
     messages = [
-        {"role": "system", "content": system, "tools": TOOLS},
+        {"role": "system", "content": system, "tools": tools},
         {"role": "user", "content": question},
         call,
         {"role": "tool", "tool_call_id": call_id, "content": json.dumps(result)},
         answer,
     ]
     expected = {"tool": spec[0], "arguments": arguments, "final": final}
-    return Example("tool", mode, messages, TOOLS, expected, spec)
+    return Example("tool", mode, messages, tools, expected, spec)
 
 
 # ---------------------------------------------------------------- conversation
@@ -366,14 +397,32 @@ GREETINGS = ("Hi", "Hello", "Hello there!", "Good morning", "Hey", "Hi, how are 
 CAPABILITY_ASKS = ("What can you do?", "How can you help me?", "What are you able to do?")
 IDENTITY_ASKS = ("Who are you?", "What is your name?", "Introduce yourself.")
 NAME_ASKS = ("What is my name?", "Do you remember my name?")
+CITY_ASKS = ("Where do I live?", "Which city do I live in?")
+# what a multi-turn conversation asks the model to recall, by kind: copying a word from earlier
+# turns is the skill tool calls need for their arguments (city names above all)
+RECALLED = {"name": NAMES, "colour": COLOURS, "city": CITIES}
 IDENTITY = "I am dsv4-tiny, a small model with the DeepSeek-V4 architecture."
+
+
+REPEAT_ASKS = ("Please repeat after me: {phrase}", "Say this back to me: {phrase}",
+               "Repeat: {phrase}")
+# words for "repeat after me": every name, city, colour, unit and weather word of the corpus
+REPEAT_WORDS = NAMES + CITIES + COLOURS + CONDITIONS + TEMPERATURE_UNITS + \
+    tuple(dict.fromkeys(unit for pair in CONVERSIONS for unit in pair))
+# Echoing a random phrase is pure copying, which a small model otherwise learns late: tool
+# arguments, final answers and recall all need it, so it gets a large share of conversation.
+CONVERSATION_KINDS = {"repeat": 6, "greeting": 1, "capability": 1, "identity": 1, "name": 1,
+                      "colour": 1, "city": 1, "followup": 1}
 
 
 def _conversation(rng: random.Random, mode: str, held_out: bool) -> Example:
     while True:
-        kind = rng.choice(("greeting", "capability", "identity", "name", "colour", "followup"))
-        if kind in ("name", "colour"):
-            spec = ("chat", kind, rng.choice(NAMES if kind == "name" else COLOURS))
+        kind = rng.choices(list(CONVERSATION_KINDS), list(CONVERSATION_KINDS.values()))[0]
+        if kind == "repeat":
+            spec = ("chat", kind, tuple(rng.choice(REPEAT_WORDS)
+                                        for _ in range(rng.randint(2, 5))))
+        elif kind in RECALLED:
+            spec = ("chat", kind, rng.choice(RECALLED[kind]))
         elif kind == "followup":
             spec = ("chat", kind, rng.randint(1, 20), rng.randint(1, 20), rng.randint(1, 9))
         else:
@@ -381,7 +430,10 @@ def _conversation(rng: random.Random, mode: str, held_out: bool) -> Example:
         if is_held_out(spec) == held_out:
             break
     turns: list[dict]
-    if kind == "greeting":
+    if kind == "repeat":
+        reply = " ".join(spec[2])
+        turns = [{"role": "user", "content": rng.choice(REPEAT_ASKS).format(phrase=reply)}]
+    elif kind == "greeting":
         reply = "Hello! " + CAPABILITIES
         turns = [{"role": "user", "content": GREETINGS[spec[2] % len(GREETINGS)]}]
     elif kind == "capability":
@@ -406,6 +458,14 @@ def _conversation(rng: random.Random, mode: str, held_out: bool) -> Example:
             {"role": "assistant", "content": f"{colour.capitalize()} is a nice colour."},
             {"role": "user", "content": "What is my favourite colour?"},
         ]
+    elif kind == "city":
+        city = spec[2]
+        reply = f"You live in {city}."
+        turns = [
+            {"role": "user", "content": f"I live in {city}."},
+            {"role": "assistant", "content": f"{city} sounds like a nice place."},
+            {"role": "user", "content": rng.choice(CITY_ASKS)},
+        ]
     else:
         _, _, a, b, c = spec
         reply = str(a + b + c)
@@ -425,8 +485,10 @@ def _conversation_reasoning(kind: str, spec: tuple) -> str:
     if kind == "followup":
         _, _, a, b, c = spec
         return f"Earlier {a} + {b} = {a + b}. Adding {c} gives {a + b + c}."
-    if kind in ("name", "colour"):
+    if kind in RECALLED:
         return f"The user told me earlier: {spec[2]}."
+    if kind == "repeat":
+        return "The user wants the phrase back exactly."
     return "The user is starting a conversation."
 
 
@@ -437,7 +499,7 @@ def _with_system(rng: random.Random, turns: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- corpus
 
-FAMILY_WEIGHTS = {"arithmetic": 0.45, "tool": 0.4, "chat": 0.15}
+FAMILY_WEIGHTS = {"arithmetic": 0.4, "tool": 0.35, "chat": 0.25}
 
 
 def generate_examples(num_examples: int, seed: int = 0, split: str = "train",

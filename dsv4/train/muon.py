@@ -5,7 +5,10 @@ DeepSeek-V4 was trained with Muon for its matrices and AdamW for everything else
 update matrix by (approximately) the nearest semi-orthogonal matrix, U V^T of its SVD, which
 equalises the update's singular values. The SVD is approximated by a quintic Newton-Schulz
 iteration; the coefficients (3.4445, -4.7750, 2.0315) are Keller Jordan's published choice,
-which drives singular values into roughly [0.7, 1.2] in five steps.
+which drives singular values into roughly [0.7, 1.2] in five steps. As in the published
+Muon, the iteration runs in bfloat16 (it only needs singular values near 1, not digits), and
+updates of the same shape are orthogonalised as one batch: on a CPU with bf16 matmuls that
+makes the optimizer step about twice as fast, and it was a third of a dsv4-tiny training step.
 """
 
 from __future__ import annotations
@@ -16,17 +19,19 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate U V^T for `update` = U S V^T (any 2-D shape), in float32."""
+    """Approximate U V^T for `update` = U S V^T: one matrix [m, n] or a stack [k, m, n];
+    returns float32."""
     a, b, c = NS_COEFFICIENTS
-    x = update.float()
-    transposed = x.shape[0] > x.shape[1]
+    x = update.to(torch.bfloat16)
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # iterate on the wide side: X X^T is the smaller Gram matrix
-        x = x.T
-    x = x / (x.norm() + eps)  # spectral norm <= Frobenius norm <= 1, so the iteration converges
+        x = x.mT
+    # spectral norm <= Frobenius norm <= 1, so the iteration converges
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return (x.mT if transposed else x).float()
 
 
 class Muon(torch.optim.Optimizer):
@@ -54,6 +59,7 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            by_shape: dict[tuple[int, ...], list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -64,12 +70,15 @@ class Muon(torch.optim.Optimizer):
                 buf.mul_(group["momentum"]).add_(p.grad.float())
                 update = p.grad.float().add(buf, alpha=group["momentum"]) \
                     if group["nesterov"] else buf
-                direction = orthogonalize(update, group["ns_steps"])
+                by_shape.setdefault(tuple(p.shape), []).append((p, update))
+            for (rows, cols), items in by_shape.items():
+                directions = orthogonalize(torch.stack([u for _, u in items]), group["ns_steps"])
                 # Keep the per-element step size independent of the aspect ratio.
-                scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(direction.to(p.dtype), alpha=-group["lr"] * scale)
+                scale = max(1.0, rows / cols) ** 0.5
+                for (p, _), direction in zip(items, directions):
+                    if group["weight_decay"]:
+                        p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(direction.to(p.dtype), alpha=-group["lr"] * scale)
         return loss
 
 
