@@ -3,6 +3,7 @@ ship, and loaded through the engine it answers what it was trained on."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from safetensors import safe_open
@@ -10,7 +11,7 @@ from safetensors import safe_open
 from dsv4.chat import Tokenizer, encode_messages, parse_completion
 from dsv4.engine.llm import LLM
 from dsv4.engine.sampling_params import SamplingParams
-from dsv4.train.data import CAPABILITIES, TOOL_NAMES, TOOLS
+from dsv4.train.data import CAPABILITIES, eval_examples
 from dsv4.train.evaluate import BUNDLED
 
 
@@ -32,14 +33,18 @@ def test_bundled_files_are_fp8_and_fp4_and_under_30_mb():
 def test_bundled_model_answers_through_the_engine():
     tok = Tokenizer.from_folder(BUNDLED)
     llm = LLM(model=str(BUNDLED), device="cpu", dtype="fp32", max_num_seqs=4, tokenizer=tok)
-    chat = encode_messages([{"role": "user", "content": "What can you do?"}], "chat")
-    tool = encode_messages([{"role": "system", "content": "You are a helpful assistant.",
-                             "tools": TOOLS},
-                            {"role": "user", "content": "Use the calculator for 12 * 7."}],
-                           "chat")
-    params = SamplingParams(temperature=0, max_tokens=80)
-    reply, call = llm.generate([tok.encode(chat), tok.encode(tool)], params)
+    # held-out tool questions (never trained on) whose arguments must be copied from the
+    # question: a broken loader, dequantiser or cache would show here
+    held_out = eval_examples(200)
+    tool_uses = [next(e for e in held_out if e.family == "tool" and e.expected["tool"] == name)
+                 for name in ("calculator", "get_weather")]
+    prompts = [encode_messages([{"role": "user", "content": "What can you do?"}], "chat")]
+    prompts += [encode_messages(e.messages[:2], e.thinking_mode) for e in tool_uses]
+    params = SamplingParams(temperature=0, max_tokens=120)
+    reply, *calls = llm.generate([tok.encode(p) for p in prompts], params)
     assert parse_completion(tok.decode(reply.token_ids), "chat")["content"] == CAPABILITIES
-    message = parse_completion(tok.decode(call.token_ids), "chat")
-    [tool_call] = message["tool_calls"]  # a well-formed DSML call of one of its tools
-    assert tool_call["function"]["name"] in TOOL_NAMES
+    for out, e in zip(calls, tool_uses):
+        message = parse_completion(tok.decode(out.token_ids), e.thinking_mode)
+        [tool_call] = message["tool_calls"]
+        assert tool_call["function"]["name"] == e.expected["tool"]
+        assert json.loads(tool_call["function"]["arguments"]) == e.expected["arguments"]
