@@ -7,7 +7,8 @@ Three families of tasks, each in "chat" and "thinking" mode:
   chat mode answers with the bare number;
 - tool use: a handful of tools called with string and non-string arguments, followed by the
   tool's result and a final answer that uses it;
-- conversation: greetings, "what can you do", and multi-turn context (names, follow-ups).
+- conversation: greetings, "what can you do", "repeat after me" (pure copying, which tool
+  arguments need) and multi-turn context (names, cities, follow-ups).
 
 Generation is deterministic from a seed. Each example is drawn from a finite space of
 *specs* (the task's parameters); a spec belongs to the evaluation split when a stable hash of

@@ -8,7 +8,7 @@ iteration; the coefficients (3.4445, -4.7750, 2.0315) are Keller Jordan's publis
 which drives singular values into roughly [0.7, 1.2] in five steps. As in the published
 Muon, the iteration runs in bfloat16 (it only needs singular values near 1, not digits), and
 updates of the same shape are orthogonalised as one batch: on a CPU with bf16 matmuls that
-makes the optimizer step about twice as fast, and it was a third of a dsv4-tiny training step.
+makes the optimizer step 1.7x faster (it was a third of a dsv4-tiny training step).
 """
 
 from __future__ import annotations
