@@ -41,7 +41,8 @@ class TrainConfig:
     warmup_steps: int = 50
     mtp_weight: float = 0.3
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step
-    num_examples: int = 20000
+    num_examples: int = 200_000  # the pool steps draw from: large enough that a one-hour run
+    # sees most examples about once, so it must learn the arithmetic rather than memorise pairs
     time_limit: float | None = None  # seconds of training: the schedule ends at the limit
     vocab_size: int = 2048
     seed: int = 0
@@ -137,13 +138,18 @@ def _similar_lengths(data: list, batch_tokens: int, rng: random.Random) -> list:
     return data[start:end]
 
 
+def _compact(ids: list[int], mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    # A pool of 200k examples as Python lists would take gigabytes; as tensors, a few hundred MB.
+    return torch.tensor(ids, dtype=torch.int32), torch.tensor(mask)
+
+
 def _batch(examples: list[tuple[list[int], list[bool]]], pad_id: int):
     length = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.bool)
     for i, (seq, m) in enumerate(examples):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(m)] = torch.tensor(m)
+        ids[i, : len(seq)] = torch.as_tensor(seq)
+        mask[i, : len(m)] = torch.as_tensor(m)
     return ids, mask
 
 
@@ -192,7 +198,8 @@ def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
     if tokenizer.vocab_size > args.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} entries but the model's "
                          f"vocab_size is {args.vocab_size}; raise vocab_size in the config")
-    data = sorted((render(e, tokenizer) for e in examples), key=lambda d: len(d[0]))
+    data = sorted((_compact(*render(e, tokenizer)) for e in examples), key=lambda d: len(d[0]))
+    del examples
     model = Transformer(args).to(device)
     init_weights(model, cfg.seed)
     model.train()
