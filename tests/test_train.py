@@ -62,6 +62,14 @@ def test_eval_scores_every_task_on_the_held_out_split(tmp_path):
                 "mtp_acceptance"):
         assert 0.0 <= scores[key] <= 1.0, key
     assert scores["num_examples"] == 12
+    # the breakdown splits every generation (two per tool example) by score, mode and task
+    from dsv4.train.data import eval_examples
+
+    asked = sum(1 + (e.family == "tool") for e in eval_examples(12))
+    assert sum(int(v.split("/")[1]) for v in scores["breakdown"].values()) == asked
+    for key in scores["breakdown"]:
+        score, mode, task = key.split("/")
+        assert f"{score}_accuracy" in scores and mode in ("chat", "thinking") and task
 
 
 def test_time_limit_ends_the_schedule():

@@ -5,6 +5,8 @@
   arguments;
 - final_answer_accuracy: after the tool's result, the answer is the expected sentence;
 - chat_accuracy: conversational replies (greetings, recall across turns) exactly right;
+- breakdown: each accuracy split by mode and task ("arithmetic/chat/*",
+  "tool_call/thinking/convert_units", "chat/chat/colour"), to see which skill is missing;
 - mtp_acceptance: how often the MTP head's draft of token t+2 equals the model's own greedy
   choice there, on the reference answers (teacher forcing): the acceptance rate a
   speculative decoder would see.
@@ -37,6 +39,13 @@ def _prompts(examples: list[Example]) -> list[tuple[str, Example, str]]:
         else:
             out.append((encode_messages(m[:-1], mode), e, "answer"))
     return out
+
+
+def _task(e: Example) -> str:
+    """The sub-task an example tests: the operator, the tool, or the kind of conversation."""
+    if e.family == "tool":
+        return e.expected["tool"]
+    return e.spec[1]
 
 
 def _score(kind: str, e: Example, message: dict) -> tuple[str, bool]:
@@ -87,14 +96,17 @@ def evaluate(model_path: str | Path, num_examples: int = 200, device: str = "cpu
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     outs = llm.generate([tokenizer.encode(p) for p, _, _ in jobs], params)
     right: dict[str, list[bool]] = {}
+    by_task: dict[str, list[bool]] = {}
     for (_, e, kind), out in zip(jobs, outs):
         text = tokenizer.decode(out.token_ids)
         name, ok = _score(kind, e, parse_completion(text, e.thinking_mode))
         right.setdefault(name, []).append(ok)
+        by_task.setdefault(f"{name}/{e.thinking_mode}/{_task(e)}", []).append(ok)
     result = {f"{k}_accuracy": sum(v) / len(v) for k, v in right.items()}
     model = llm.engine.runner.model
     result["mtp_acceptance"] = mtp_acceptance(model, tokenizer, examples[:50])
     result["num_examples"] = len(examples)
+    result["breakdown"] = {k: f"{sum(v)}/{len(v)}" for k, v in sorted(by_task.items())}
     result["model"] = str(model_path)
     return result
 
@@ -114,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
+        breakdown = result.pop("breakdown")
         for k, v in result.items():
             print(f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}")
+        print("right / asked, by score, mode and task:")
+        for k, v in breakdown.items():
+            print(f"  {k:<40} {v}")
     return 0
