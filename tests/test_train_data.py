@@ -65,15 +65,30 @@ def test_tool_conversations_are_consistent():
 
 
 @pytest.mark.parametrize(("a", "b", "steps"), [
-    (42, 38, "2 < 8, borrow: 12 - 8 = 4, write 4; 4 - 1 - 3 = 0, write 0"),
-    (100, 1, "0 < 1, borrow: 10 - 1 = 9, write 9; 0 - 1 < 0, borrow: 9 - 0 = 9, write 9; "
-              "1 - 1 - 0 = 0, write 0"),
+    (42, 38, "2 < 8, borrow: 12 - 8 = 4, write 4; 4 - 1 = 3, 3 - 3 = 0, write 0"),
+    (100, 1, "0 < 1, borrow: 10 - 1 = 9, write 9; 0 - 1 = -1, -1 < 0, borrow: 9 - 0 = 9, "
+              "write 9; 1 - 1 = 0, 0 - 0 = 0, write 0"),
     (35, 47, "Subtract 35 from 47 column by column: 7 - 5 = 2"),  # negative: the other way
 ])
 def test_subtraction_reasoning_borrows_column_by_column(a, b, steps):
     text = data._digits_reasoning_sub(a, b)
     assert text.endswith(f"{a} - {b} = {a - b}.")
     assert steps in text
+
+
+@pytest.mark.parametrize(("a", "b", "steps"), [
+    (38, 4, "8 + 4 = 12, write 2; 3 + 0 = 3, 3 + 1 = 4, write 4"),  # the carry: its own fact
+    (99, 99, "9 + 9 = 18, 18 + 1 = 19, write 9; carry 1"),
+])
+def test_addition_reasoning_adds_a_carry_in_its_own_step(a, b, steps):
+    text = data._digits_reasoning_add(a, b)
+    assert steps in text and text.endswith(f"So {a} + {b} = {a + b}.")
+
+
+def test_multiplication_reasoning_adds_the_partial_products_column_by_column():
+    text = data._digits_reasoning_mul(37, 3)
+    assert "30 * 3 = 90; 7 * 3 = 21. Add 90 and 21 column by column: 0 + 1 = 1" in text
+    assert text.endswith("So 37 * 3 = 111.")
 
 
 def test_calculator_rejects_anything_but_arithmetic():

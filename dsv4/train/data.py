@@ -139,36 +139,43 @@ def is_held_out(spec: tuple) -> bool:
 # ---------------------------------------------------------------- arithmetic
 
 
-def _digits_reasoning_add(a: int, b: int) -> str:
-    # Right-to-left column addition: the steps a small model can actually learn.
+def _column_addition(a: int, b: int) -> str:
+    """Right-to-left column addition of a and b. Every fact has two operands: a carry is added
+    in its own step ("8 + 9 = 17, 17 + 1 = 18"), as three-operand facts were the ones a small
+    model got wrong."""
     steps, carry = [], 0
     da, db = str(a)[::-1], str(b)[::-1]
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
-        carry_text = f" + {carry}" if carry else ""
-        steps.append(f"{x} + {y}{carry_text} = {s}, write {s % 10}")
+        carried = f", {x + y} + {carry} = {s}" if carry else ""
+        steps.append(f"{x} + {y} = {x + y}{carried}, write {s % 10}")
         carry = s // 10
     if carry:
         steps.append(f"carry {carry}")
-    return f"Add {a} and {b} column by column: " + "; ".join(steps) + f". So {a} + {b} = {a + b}."
+    return f"Add {a} and {b} column by column: " + "; ".join(steps) + "."
+
+
+def _digits_reasoning_add(a: int, b: int) -> str:
+    return f"{_column_addition(a, b)} So {a} + {b} = {a + b}."
 
 
 def _column_subtraction(a: int, b: int) -> str:
-    """Right-to-left column subtraction of b from a (a >= b), borrowing as on paper."""
+    """Right-to-left column subtraction of b from a (a >= b), borrowing as on paper; a borrow
+    is taken from the next column in its own two-operand step."""
     steps, borrow = [], 0
     da, db = str(a)[::-1], str(b)[::-1]
     for i, digit in enumerate(da):
         x, y = int(digit), int(db[i]) if i < len(db) else 0
         top = x - borrow
-        borrowed = f"{x} - {borrow}" if borrow else f"{x}"
+        paid = f"{x} - 1 = {top}, " if borrow else ""
         if top < y:
-            steps.append(f"{borrowed} < {y}, borrow: {top + 10} - {y} = {top + 10 - y}, "
+            steps.append(f"{paid}{top} < {y}, borrow: {top + 10} - {y} = {top + 10 - y}, "
                          f"write {top + 10 - y}")
             borrow = 1
         else:
-            steps.append(f"{borrowed} - {y} = {top - y}, write {top - y}")
+            steps.append(f"{paid}{top} - {y} = {top - y}, write {top - y}")
             borrow = 0
     return f"Subtract {b} from {a} column by column: " + "; ".join(steps) + "."
 
@@ -186,8 +193,8 @@ def _digits_reasoning_mul(a: int, b: int) -> str:
         return f"{a} times {b} is {a * b}. So {a} * {b} = {a * b}."
     return (
         f"Split {a} into {tens * 10} + {ones}: {tens} * {b} = {tens * b}, so "
-        f"{tens * 10} * {b} = {tens * 10 * b}; {ones} * {b} = {ones * b}; "
-        f"{tens * 10 * b} + {ones * b} = {a * b}. So {a} * {b} = {a * b}."
+        f"{tens * 10} * {b} = {tens * 10 * b}; {ones} * {b} = {ones * b}. "
+        f"{_column_addition(tens * 10 * b, ones * b)} So {a} * {b} = {a * b}."
     )
 
 
@@ -500,7 +507,7 @@ def _with_system(rng: random.Random, turns: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- corpus
 
-FAMILY_WEIGHTS = {"arithmetic": 0.4, "tool": 0.35, "chat": 0.25}
+FAMILY_WEIGHTS = {"arithmetic": 0.45, "tool": 0.3, "chat": 0.25}
 
 
 def generate_examples(num_examples: int, seed: int = 0, split: str = "train",
