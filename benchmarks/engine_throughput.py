@@ -3,7 +3,9 @@ of transformers' `generate` on the same weights, in the same process.
 
 Targets (engine issue): 32 concurrent requests reach at least 8x the single-request
 throughput, and a single request decodes at least 2x faster than transformers.
-Prints a table, then one JSON line.
+Also reports the hardware limit of a single request: the weights one decode step must read
+(routed experts at k of E), over the memory bandwidth a large matrix-vector product reaches
+in this process. Prints a table, then one JSON line.
 
     python benchmarks/engine_throughput.py [--prompt-len 256 --output-len 64]
 """
@@ -30,6 +32,37 @@ from dsv4.engine.llm import LLM  # noqa: E402
 from dsv4.engine.sampling_params import SamplingParams  # noqa: E402
 
 
+def decode_weight_bytes(model) -> float:
+    """Bytes of weights one decode token reads: every matrix once, routed experts at k / E
+    (a token uses k of them), one embedding row; the MTP layer is not run by the engine."""
+    args = model.args
+    total = 0.0
+    for name, p in model.named_parameters():
+        size = p.numel() * p.element_size()
+        if name.startswith("mtp."):
+            continue
+        if name.startswith("embed."):
+            size = p.shape[1] * p.element_size()
+        elif ".experts." in name:
+            size *= args.num_experts_per_tok / args.n_routed_experts
+        total += size
+    return total
+
+
+def read_bandwidth(megabytes: int = 64, repeats: int = 20) -> float:
+    """Bytes/s of a matrix-vector product over a matrix much larger than the caches."""
+    n = int((megabytes << 20) / 4) ** 0.5
+    w, v = torch.randn(int(n), int(n)), torch.randn(1, int(n))
+    for _ in range(3):
+        v @ w.T
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        v @ w.T
+        times.append(time.perf_counter() - start)
+    return w.numel() * w.element_size() / statistics.median(times)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prompt-len", type=int, default=256)
@@ -51,6 +84,7 @@ def main() -> int:
         llm = LLM(model=tmp, device="cpu", dtype="fp32", max_num_seqs=max(levels),
                   max_num_batched_tokens=2048, kv_cache_memory_bytes=256 << 20)
         llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+        weight_bytes = decode_weight_bytes(llm.engine.runner.model)
         for c in levels:
             times = []
             for _ in range(opts.repeats):
@@ -87,6 +121,16 @@ def main() -> int:
     print(f"engine at {max(levels)} requests: {summary['scaling_at_max_concurrency']:.1f}x one "
           f"request; one request vs transformers: "
           f"{summary['single_request_vs_transformers']:.2f}x")
+    bandwidth = read_bandwidth()
+    bound = bandwidth / weight_bytes  # decode tokens/s if reading the weights were all it cost
+    summary.update(decode_weight_mb=weight_bytes / 1e6, read_gb_s=bandwidth / 1e9,
+                   decode_bound_tok_s=bound,
+                   single_request_of_bound=single["output_tok_s"] / bound,
+                   transformers_of_bound=hf_row["output_tok_s"] / bound)
+    print(f"one decode token reads {weight_bytes / 1e6:.1f} MB of weights; at "
+          f"{bandwidth / 1e9:.1f} GB/s that bounds one request at {bound:.0f} tok/s: the engine "
+          f"runs at {summary['single_request_of_bound']:.0%} of it, transformers at "
+          f"{summary['transformers_of_bound']:.0%}")
     print(json.dumps({"benchmark": "engine_throughput", "prompt_len": opts.prompt_len,
                       "output_len": opts.output_len, "config": SMALL, "rows": rows, **summary}))
     return 0
