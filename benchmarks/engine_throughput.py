@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -38,9 +39,9 @@ def decode_weight_bytes(model) -> float:
     args = model.args
     total = 0.0
     for name, p in model.named_parameters():
-        size = p.numel() * p.element_size()
         if name.startswith("mtp."):
             continue
+        size = p.numel() * p.element_size()
         if name.startswith("embed."):
             size = p.shape[1] * p.element_size()
         elif ".experts." in name:
@@ -51,8 +52,8 @@ def decode_weight_bytes(model) -> float:
 
 def read_bandwidth(megabytes: int = 64, repeats: int = 20) -> float:
     """Bytes/s of a matrix-vector product over a matrix much larger than the caches."""
-    n = int((megabytes << 20) / 4) ** 0.5
-    w, v = torch.randn(int(n), int(n)), torch.randn(1, int(n))
+    n = math.isqrt((megabytes << 20) // 4)  # an n x n fp32 matrix of that size
+    w, v = torch.randn(n, n), torch.randn(1, n)
     for _ in range(3):
         v @ w.T
     times = []

@@ -143,13 +143,13 @@ def _compact(ids: list[int], mask: list[bool]) -> tuple[torch.Tensor, torch.Tens
     return torch.tensor(ids, dtype=torch.int32), torch.tensor(mask)
 
 
-def _batch(examples: list[tuple[list[int], list[bool]]], pad_id: int):
+def _batch(examples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int):
     length = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.bool)
     for i, (seq, m) in enumerate(examples):
-        ids[i, : len(seq)] = torch.as_tensor(seq)
-        mask[i, : len(m)] = torch.as_tensor(m)
+        ids[i, : len(seq)] = seq
+        mask[i, : len(m)] = m
     return ids, mask
 
 
