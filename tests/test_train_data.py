@@ -43,6 +43,17 @@ def test_arithmetic_answers_are_right_and_reasoning_only_in_thinking_mode():
             assert reply["reasoning_content"].endswith(f"= {expected}.")
 
 
+def test_training_practises_subtraction_more_than_the_evaluation_asks_it():
+    def share_of_subtraction(examples):
+        ops = [e.spec[1] for e in examples if e.family == "arithmetic"]
+        return ops.count("-") / len(ops)
+
+    trained = share_of_subtraction(data.generate_examples(3000, seed=0,
+                                                          families={"arithmetic": 1.0}))
+    assert abs(trained - data.TRAINING_OP_WEIGHTS["-"]) < 0.03
+    assert abs(share_of_subtraction(data.eval_examples(1000)) - 1 / 3) < 0.06
+
+
 def test_tool_conversations_are_consistent():
     kinds_of_values, tool_counts = set(), set()
     for e in data.generate_examples(300, seed=5, families={"tool": 1.0}):
