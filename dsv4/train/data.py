@@ -212,9 +212,9 @@ ARITHMETIC_QUESTIONS = (
 )
 
 
-# Training draws subtraction more often than the evaluation asks it: the bundled model of
-# 2026-11-28 got 85% of *training* subtractions right (addition 95%, products 100%), so it was
-# short of subtraction practice, not of memory.
+# Training draws subtraction more often than the evaluation asks it: the model bundled before
+# these weights (equal draws) got 85% of *training* subtractions right (addition 95%, products
+# 100%), so it was short of subtraction practice, not of memory.
 TRAINING_OP_WEIGHTS = {"+": 0.3, "-": 0.4, "*": 0.3}
 
 
