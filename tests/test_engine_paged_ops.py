@@ -112,7 +112,7 @@ def _run(prompt_lens, budget, fp8=False, num_blocks=16, max_tokens=3):
         vis = compressed_visibility(batch, 4, entries.shape[1])
         assert torch.equal(vis.sum(1), (batch.positions + 1) // 4)
         sched.update_from_output(
-            out, {s.request.request_id: (7, None) for s in out.scheduled if s.samples}
+            out, {s.request.request_id: [(7, None)] for s in out.scheduled if s.samples}
         )
         steps += 1
     return sched, steps

@@ -29,7 +29,7 @@ def _req(rid: str, n_prompt: int, max_tokens: int = 8, **kw) -> Request:
 
 def _step(s: Scheduler):
     out = s.schedule()
-    sampled = {e.request.request_id: (7, None) for e in out.scheduled if e.samples}
+    sampled = {e.request.request_id: [(7, None)] for e in out.scheduled if e.samples}
     s.update_from_output(out, sampled)
     return out
 
@@ -110,7 +110,7 @@ def test_preempted_request_recomputes_prompt_and_outputs_then_finishes():
             if e.request.request_id == "b" and e.is_prefill and e.request.num_output_tokens:
                 # recompute covers the prompt and the tokens generated before preemption
                 assert e.start_pos + e.num_new_tokens == e.request.num_tokens
-        sampled = {e.request.request_id: (7, None) for e in out.scheduled if e.samples}
+        sampled = {e.request.request_id: [(7, None)] for e in out.scheduled if e.samples}
         finished += [r for r in s.update_from_output(out, sampled) if r.is_finished]
         if not s.has_unfinished():
             break
@@ -160,3 +160,45 @@ def test_stop_token_and_eos_finish_with_reason():
     for _ in range(3):
         _step(s)
     assert r3.finish_reason == "length" and r3.output_token_ids == [7, 7, 7]
+
+
+def _decode_with_draft(s: Scheduler, req: Request, draft: int, sampled: list[int]):
+    req.draft_token_ids = [draft]
+    out = s.schedule()
+    (entry,) = out.scheduled
+    s.update_from_output(out, {req.request_id: [(t, None) for t in sampled]})
+    return entry
+
+
+def test_a_draft_is_verified_with_the_decode_and_kept_only_while_it_matches():
+    s = _sched()
+    req = _req("a", 10, max_tokens=8)
+    s.add_request(req)
+    _step(s)  # prefill: 10 computed, one token sampled
+    assert (req.num_computed_tokens, req.output_token_ids) == (10, [7])
+    entry = _decode_with_draft(s, req, draft=9, sampled=[9, 4])  # the draft was right
+    assert (entry.num_new_tokens, entry.token_ids, entry.num_samples) == (2, [7, 9], 2)
+    assert (req.num_computed_tokens, req.output_token_ids) == (12, [7, 9, 4])
+    _decode_with_draft(s, req, draft=3, sampled=[5, 6])  # wrong: the row after it is dropped
+    assert (req.num_computed_tokens, req.output_token_ids) == (13, [7, 9, 4, 5])
+    assert (s.num_draft_tokens, s.num_accepted_draft_tokens) == (2, 1)
+    assert req.draft_token_ids == []  # the drafter proposes anew after every step
+
+
+def test_a_draft_never_outruns_max_tokens_a_stop_or_the_budget():
+    s = _sched()
+    req = _req("a", 10, max_tokens=3, stop_token_ids=[9])
+    s.add_request(req)
+    _step(s)
+    _decode_with_draft(s, req, draft=9, sampled=[9, 4])  # the draft is a stop token: no more
+    assert (req.output_token_ids, req.finish_reason) == ([7, 9], "stop")
+    req = _req("b", 10, max_tokens=2)
+    s.add_request(req)
+    _step(s)
+    entry = _decode_with_draft(s, req, draft=7, sampled=[7])  # one token left: no draft
+    assert (entry.num_new_tokens, req.output_token_ids, req.finish_reason) == (1, [7, 7], "length")
+    s = _sched(budget=1)
+    req = _req("c", 1, max_tokens=8)
+    s.add_request(req)
+    _step(s)
+    assert _decode_with_draft(s, req, draft=7, sampled=[7]).num_new_tokens == 1

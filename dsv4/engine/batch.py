@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from dsv4.engine.kv_cache import KVCacheLayout, compressed_slot_mapping, window_slot_mapping
+from dsv4.engine.request import Request
 from dsv4.engine.scheduler import ScheduledRequest, SchedulerOutput
 
 
@@ -24,8 +25,8 @@ class RaggedBatch:
     Per request (B = scheduled requests): query_start_loc [B+1], start_pos (tokens already in
     the cache; 0 means the compressor state must start empty), seq_lens (context after this
     step), state_slots, block_tables [B, max_blocks] (-1 padded).
-    logits_indices [S]: the token whose logits are sampled, one per request that samples, in
-    `scheduled` order.
+    logits_indices [S]: the tokens whose logits are sampled, `num_samples` per request (its
+    last known token, then its draft tokens), in `scheduled` order.
     """
 
     input_ids: torch.Tensor  # [T] int64
@@ -88,7 +89,8 @@ def build_batch(out: SchedulerOutput, layout: KVCacheLayout) -> RaggedBatch:
     for i, s in enumerate(scheduled):
         block_tables[i, : len(s.request.block_table)] = torch.tensor(s.request.block_table)
     ratios = sorted({m for m in layout.spec.compress_ratios if m})
-    sample_rows = [i for i, s in enumerate(scheduled) if s.samples]
+    ends = query_start_loc[1:].tolist()
+    sample_rows = [t for s, end in zip(scheduled, ends) for t in range(end - s.num_samples, end)]
     compressed = {
         m: compressed_slot_mapping(block_tables, seq_index, positions, m, layout.block_size)
         for m in ratios
@@ -106,7 +108,55 @@ def build_batch(out: SchedulerOutput, layout: KVCacheLayout) -> RaggedBatch:
             state_slots[seq_index], positions, layout.spec.sliding_window
         ),
         compressed_slot_mapping=compressed,
-        logits_indices=query_start_loc[1:][sample_rows] - 1,
+        logits_indices=torch.tensor(sample_rows, dtype=torch.int64),
         scheduled=list(scheduled),
         num_closing={m: int((slots >= 0).sum()) for m, slots in compressed.items()},
     )
+
+
+def build_draft_batch(
+    spans: list[tuple[Request, int, int]], layout: KVCacheLayout
+) -> tuple[RaggedBatch, list[Request]]:
+    """The MTP layer's step after a main step. `spans` holds (request, first position, count)
+    of the positions whose next token is now known: the MTP input at position p is the main
+    model's final streams at p and the token at p + 1. Logits are taken at the last position of
+    each request that decodes next (it gets a new draft); those requests are returned in
+    logits order. The MTP layer has a window only, so no blocks or compressed slots."""
+    ids, positions, seq_index, lens, starts, slots = [], [], [], [], [], []
+    drafting: list[Request] = []
+    logits_rows = []
+    for i, (req, start, count) in enumerate(spans):
+        ids += req.all_token_ids[start + 1 : start + 1 + count]
+        positions += range(start, start + count)
+        seq_index += [i] * count
+        lens.append(count)
+        starts.append(start)
+        slots.append(req.state_slot)
+        if req.num_tokens_to_compute == 1:
+            drafting.append(req)
+            logits_rows.append(len(ids) - 1)
+    num_new = torch.tensor(lens, dtype=torch.int64)
+    query_start_loc = torch.zeros(len(spans) + 1, dtype=torch.int64)
+    query_start_loc[1:] = num_new.cumsum(0)
+    positions_t = torch.tensor(positions, dtype=torch.int64)
+    seq_index_t = torch.tensor(seq_index, dtype=torch.int64)
+    state_slots = torch.tensor(slots, dtype=torch.int64)
+    start_pos = torch.tensor(starts, dtype=torch.int64)
+    batch = RaggedBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64),
+        positions=positions_t,
+        seq_index=seq_index_t,
+        query_start_loc=query_start_loc,
+        start_pos=start_pos,
+        seq_lens=start_pos + num_new,
+        state_slots=state_slots,
+        block_tables=torch.full((len(spans), 1), -1, dtype=torch.int64),
+        window_slot_mapping=window_slot_mapping(
+            state_slots[seq_index_t], positions_t, layout.spec.sliding_window
+        ),
+        compressed_slot_mapping={},
+        logits_indices=torch.tensor(logits_rows, dtype=torch.int64),
+        scheduled=[],
+        num_closing={},
+    )
+    return batch, drafting

@@ -20,6 +20,9 @@ class EngineConfig:
     kv_cache_memory_bytes: the cache's byte budget, split between per-request state slots
       (window rings, compressor states) and context blocks, balanced for `reference_seq_len`.
     block_size: tokens per cache block (a multiple of 128, the HCA ratio).
+    num_speculative_tokens: 0, or 1 to decode with the checkpoint's MTP layer as the drafter:
+      each decode step verifies the MTP's guess for the next token alongside the current one,
+      so a step can yield two tokens. Outputs are those of plain decoding (see llm_engine.py).
     """
 
     max_num_seqs: int = 64
@@ -29,6 +32,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_MEMORY_BYTES
     block_size: int = 128
     reference_seq_len: int = DEFAULT_REFERENCE_SEQ_LEN
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -40,6 +44,11 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name}={value!r} must be a positive integer.")
+        if self.num_speculative_tokens not in (0, 1):
+            raise ValueError(
+                f"EngineConfig.num_speculative_tokens={self.num_speculative_tokens!r} is not "
+                "supported; use 0 (off) or 1 (one MTP draft token per step)."
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"EngineConfig.max_model_len={self.max_model_len} must be >= 2.")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -52,6 +52,7 @@ class CacheSpec:
     qk_rope_head_dim: int = 64
     index_head_dim: int = 128
     kv_cache_dtype: str = "bf16"
+    num_mtp_layers: int = 0  # window rings for MTP layers, when the engine drafts with them
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -69,11 +70,12 @@ class CacheSpec:
             raise ValueError(f"compress_ratios contains {bad}; V4 layers use 0, 4 or 128.")
 
     @classmethod
-    def from_config(cls, config: Any, kv_cache_dtype: str = "bf16") -> CacheSpec:
+    def from_config(cls, config: Any, kv_cache_dtype: str = "bf16",
+                    num_mtp_layers: int = 0) -> CacheSpec:
         """From a ModelArgs, a transformers config or a config.json dict.
 
-        Released configs list one extra ratio for the MTP layer; only the main layers are
-        cached (the engine does not run MTP drafts).
+        Released configs list one extra ratio for the MTP layer (0: window only). The MTP
+        layer gets a window ring only when the engine drafts with it (`num_mtp_layers`).
         """
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         num_layers = int(get("num_hidden_layers"))
@@ -86,6 +88,7 @@ class CacheSpec:
             qk_rope_head_dim=int(get("qk_rope_head_dim", 64)),
             index_head_dim=int(get("index_head_dim", 128)),
             kv_cache_dtype=kv_cache_dtype,
+            num_mtp_layers=num_mtp_layers,
         )
 
     @property
@@ -111,8 +114,10 @@ class CacheSpec:
 
     @property
     def state_bytes_per_slot(self) -> int:
-        """Fixed bytes per running request: window rings + compressor states (fp32 kv+score)."""
-        window = self.num_hidden_layers * self.sliding_window * self.entry_bytes
+        """Fixed bytes per running request: window rings (main and MTP layers) + compressor
+        states (fp32 kv+score)."""
+        rings = self.num_hidden_layers + self.num_mtp_layers
+        window = rings * self.sliding_window * self.entry_bytes
         compressor = 0
         for m in self.compress_ratios:
             if m:
@@ -163,6 +168,9 @@ class KVCacheLayout:
         entry = (s.entry_bytes,) if s.kv_cache_dtype == "fp8" else (s.head_dim,)
         kv_dtype = torch.uint8 if s.kv_cache_dtype == "fp8" else torch.bfloat16
         shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for k in range(s.num_mtp_layers):
+            shapes[f"mtp.{k}.window_kv"] = ((self.num_state_slots, s.sliding_window, *entry),
+                                            kv_dtype)
         for layer, m in enumerate(s.compress_ratios):
             shapes[f"{layer}.window_kv"] = (
                 (self.num_state_slots, s.sliding_window, *entry),

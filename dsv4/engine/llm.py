@@ -17,7 +17,8 @@ from dsv4.engine.sampling_params import SamplingParams
 
 def cache_layout_for(model_config: Any, config: EngineConfig) -> KVCacheLayout:
     """Pools for a model config (ModelArgs, transformers config or config.json dict)."""
-    spec = CacheSpec.from_config(model_config, config.kv_cache_dtype)
+    spec = CacheSpec.from_config(model_config, config.kv_cache_dtype,
+                                 num_mtp_layers=config.num_speculative_tokens)
     max_model_len = config.max_model_len or _get(model_config, "max_position_embeddings")
     return plan_layout(
         spec,
@@ -41,8 +42,10 @@ class LLM:
     outs[0].text, outs[0].token_ids, outs[0].finish_reason
 
     Text prompts and stop strings use `tokenizer`, by default the model folder's
-    tokenizer.json. `runner` replaces the model runner built from `model` (another backend, or
-    a test double); it must follow the ModelRunner contract and carry its cache layout.
+    tokenizer.json. `num_speculative_tokens=1` decodes with the checkpoint's MTP layer as a
+    drafter (same outputs, up to two tokens per step). `runner` replaces the model runner
+    built from `model` (another backend, or a test double); it must follow the ModelRunner
+    contract and carry its cache layout.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class LLM:
         max_model_len: int | None = None,
         kv_cache_memory_bytes: int | None = None,
         block_size: int = 128,
+        num_speculative_tokens: int = 0,
         tokenizer: Any = None,
         runner: ModelRunner | None = None,
     ) -> None:
@@ -66,6 +70,7 @@ class LLM:
             max_model_len=max_model_len,
             kv_cache_dtype=kv_cache_dtype,
             block_size=block_size,
+            num_speculative_tokens=num_speculative_tokens,
             **({"kv_cache_memory_bytes": kv_cache_memory_bytes} if kv_cache_memory_bytes else {}),
         )
         if runner is None:

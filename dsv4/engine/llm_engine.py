@@ -1,8 +1,9 @@
 """LLMEngine: add_request / step / abort over a model runner, plus async streaming.
 
 One `step()` = schedule -> build the ragged batch -> runner forward -> sample -> update
-request states -> report outputs. A server drives `step()` in a loop and reads each request's
-outputs from its stream; `generate()` does the loop itself for offline use.
+request states (-> with MTP drafting: the drafter guesses each decoding request's next token,
+verified in the next step) -> report outputs. A server drives `step()` in a loop and reads
+each request's outputs from its stream; `generate()` does the loop itself for offline use.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+import torch
+
 from dsv4.chat.detokenizer import IncrementalDetokenizer
-from dsv4.engine.batch import build_batch
+from dsv4.engine.batch import RaggedBatch, build_batch, build_draft_batch
 from dsv4.engine.block_manager import BlockManager
 from dsv4.engine.request import (
     CompletionOutput,
     Request,
     RequestOutput,
+    RequestStatus,
     TokenLogprobs,
 )
 from dsv4.engine.runner import ModelRunner
@@ -153,6 +157,8 @@ class LLMEngine:
             "kv_cache_free_blocks": bm.num_free_blocks,
             "kv_cache_free_state_slots": bm.num_free_slots,
             "num_preemptions_total": self.scheduler.num_preemptions,
+            "spec_decode_draft_tokens_total": self.scheduler.num_draft_tokens,
+            "spec_decode_accepted_tokens_total": self.scheduler.num_accepted_draft_tokens,
         }
 
     # -- one step --------------------------------------------------------------------------
@@ -168,35 +174,68 @@ class LLMEngine:
             return []
         batch = build_batch(out, self.layout)
         logits = self.runner.execute_model(batch)  # [S, vocab]
-        rows = batch.sampling_requests
-        sampled: dict[str, tuple[int, TokenLogprobs | None]] = {}
-        if rows:
-            reqs = [s.request for s in rows]
-            sbatch = SamplingBatch.build(
-                [r.sampling_params for r in reqs],
-                [r.prompt_token_ids for r in reqs],
-                [r.output_token_ids for r in reqs],
-                vocab_size=logits.shape[-1],
-                eos_token_id=self.eos_token_id,
-                device=logits.device,
-            )
-            res = sample(logits, sbatch)
-            token_ids = res.token_ids.tolist()
-            chosen = res.logprobs.tolist() if res.logprobs is not None else None
-            top_ids = res.top_token_ids.tolist() if res.top_token_ids is not None else None
-            top_lp = res.top_logprobs.tolist() if res.top_logprobs is not None else None
-            for i, req in enumerate(reqs):
-                lp = None
-                k = req.sampling_params.logprobs
-                if k is not None:
-                    top = list(zip(top_ids[i][:k], top_lp[i][:k])) if k else []
-                    lp = TokenLogprobs(token_ids[i], chosen[i], top)
-                sampled[req.request_id] = (token_ids[i], lp)
+        sampled = self._sample(batch, logits)
         updated = self.scheduler.update_from_output(out, sampled)
+        if self.runner.num_speculative_tokens:
+            self._propose_drafts(batch)
         outputs = []
         for request_id in dict.fromkeys(self._parent[r.request_id] for r in updated):
             outputs.append(self._report(request_id))
         return outputs
+
+    def _sample(self, batch: RaggedBatch, logits: torch.Tensor
+                ) -> dict[str, list[tuple[int, TokenLogprobs | None]]]:
+        """Sample every logits row: per request its last known token's row, then one per draft
+        token. Row j of a request is sampled as if the draft tokens before it had been
+        generated (penalties, min_tokens, the seeded stream of that output index), which is
+        exactly the case in which the scheduler keeps it; so every kept token is drawn as plain
+        decoding would draw it, and drafts change only how many tokens a step yields."""
+        params, prompts, outputs, owners = [], [], [], []
+        for entry in batch.sampling_requests:
+            req = entry.request
+            for j in range(entry.num_samples):
+                params.append(req.sampling_params)
+                prompts.append(req.prompt_token_ids)
+                outputs.append(req.output_token_ids + entry.draft_token_ids[:j])
+                owners.append(req.request_id)
+        if not owners:
+            return {}
+        sbatch = SamplingBatch.build(params, prompts, outputs, vocab_size=logits.shape[-1],
+                                     eos_token_id=self.eos_token_id, device=logits.device)
+        res = sample(logits, sbatch)
+        token_ids = res.token_ids.tolist()
+        chosen = res.logprobs.tolist() if res.logprobs is not None else None
+        top_ids = res.top_token_ids.tolist() if res.top_token_ids is not None else None
+        top_lp = res.top_logprobs.tolist() if res.top_logprobs is not None else None
+        sampled: dict[str, list[tuple[int, TokenLogprobs | None]]] = {}
+        for i, (owner, p) in enumerate(zip(owners, params)):
+            lp = None
+            if p.logprobs is not None:
+                k = p.logprobs
+                top = list(zip(top_ids[i][:k], top_lp[i][:k])) if k else []
+                lp = TokenLogprobs(token_ids[i], chosen[i], top)
+            sampled.setdefault(owner, []).append((token_ids[i], lp))
+        return sampled
+
+    def _propose_drafts(self, batch: RaggedBatch) -> None:
+        """Run the drafter over this step's positions whose next token is now known (all
+        computed ones: a rejected draft's position was not) and give each request that decodes
+        next its draft."""
+        spans, stream_rows = [], []
+        starts = batch.query_start_loc.tolist()
+        for entry, first_row in zip(batch.scheduled, starts):
+            req = entry.request
+            count = req.num_computed_tokens - entry.start_pos
+            if req.status is not RequestStatus.RUNNING or count <= 0:
+                continue
+            spans.append((req, entry.start_pos, count))
+            stream_rows += range(first_row, first_row + count)
+        if not spans:
+            return
+        draft_batch, drafting = build_draft_batch(spans, self.layout)
+        drafts = self.runner.propose_drafts(draft_batch, torch.tensor(stream_rows)).tolist()
+        for req, token in zip(drafting, drafts):
+            req.draft_token_ids = [token]
 
     def _report(self, request_id: str) -> RequestOutput:
         seqs = self._groups[request_id]

@@ -4,6 +4,8 @@ Embeddings, hyper-connections, norms, MoE and the head are the model's own modul
 per token, so the flat ragged batch is just a [1, T] sequence to them). Attention is the
 model's math (dsv4.model.attention) with keys read from the paged pools instead of a
 contiguous cache: window rings, compressor rings, compressed-entry and indexer-key blocks.
+With MTP drafting on, the MTP layer runs after each step over the positions whose next token
+became known, with its own window ring, and proposes each decoding request's next token.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class V4ModelRunner(ModelRunner):
     def __init__(self, model: Transformer, layout: KVCacheLayout, max_model_len: int):
         self.model = model
         self.layout = layout
+        self.num_speculative_tokens = layout.spec.num_mtp_layers  # one draft per MTP layer
+        if self.num_speculative_tokens:
+            _check_mtp(model, self.num_speculative_tokens)
+        self._streams: torch.Tensor | None = None  # final streams of the last step, for drafts
         self.max_model_len = max_model_len
         self.vocab_size = model.args.vocab_size
         self.eos_token_id = model.args.eos_token_id
@@ -80,7 +86,8 @@ class V4ModelRunner(ModelRunner):
 
     @classmethod
     def for_model(cls, model: Transformer, config: EngineConfig) -> V4ModelRunner:
-        spec = CacheSpec.from_config(model.args, config.kv_cache_dtype)
+        spec = CacheSpec.from_config(model.args, config.kv_cache_dtype,
+                                     num_mtp_layers=config.num_speculative_tokens)
         max_len = config.max_model_len or model.args.max_position_embeddings
         layout = plan_layout(spec, config.kv_cache_memory_bytes, config.max_num_seqs,
                              reference_seq_len=min(config.reference_seq_len, max_len),
@@ -97,12 +104,33 @@ class V4ModelRunner(ModelRunner):
         ids = batch.input_ids[None]  # [1, T]: the ragged batch as one flat row
         x = m.embed(ids)[:, :, None, :].expand(-1, -1, m.args.hc_mult, -1).contiguous()
         for i, layer in enumerate(m.layers):
-            h, post, comb = layer._pre(x, "attn")
-            out = self._attention(i, layer.attn, layer.attn_norm(h), batch, blocks)
-            x = hc_post(out, x, post, comb)
-            h, post, comb = layer._pre(x, "ffn")
-            x = hc_post(layer.ffn(layer.ffn_norm(h), ids), x, post, comb)
-        return m._head(x, m, m.norm)[0, batch.logits_indices]  # [S, vocab] fp32
+            x = self._block(str(i), layer, x, ids, batch, blocks)
+        if self.num_speculative_tokens:
+            self._streams = x[0]
+        return m._head(x[:, batch.logits_indices], m, m.norm)[0]  # [S, vocab] fp32
+
+    @torch.inference_mode()
+    def propose_drafts(self, batch: RaggedBatch, stream_rows: torch.Tensor) -> torch.Tensor:
+        """Greedy MTP drafts [S] at `batch.logits_indices`. Token t of `batch` is the MTP's
+        input at its position p: the final streams of row `stream_rows[t]` of the last
+        `execute_model` (position p) and `batch.input_ids[t]`, the token at p + 1."""
+        batch = batch.to(self.device)
+        m, block = self.model, self.model.mtp[0]
+        ids = batch.input_ids[None]
+        streams = self._streams[stream_rows.to(self.device)][None]  # [1, T, n, D]
+        x = block.e_proj(block.enorm(m.embed(ids)))[:, :, None, :] + \
+            block.h_proj(block.hnorm(streams))
+        x = self._block("mtp.0", block, x, ids, batch, self._query_blocks(batch))
+        return m._head(x[:, batch.logits_indices], block, block.norm)[0].argmax(dim=-1)
+
+    def _block(self, name: str, layer, x: torch.Tensor, ids: torch.Tensor, batch: RaggedBatch,
+               blocks: list[QueryBlocks]) -> torch.Tensor:
+        """One transformer block over the ragged batch; its cache pools are named `name.*`."""
+        h, post, comb = layer._pre(x, "attn")
+        out = self._attention(name, layer.attn, layer.attn_norm(h), batch, blocks)
+        x = hc_post(out, x, post, comb)
+        h, post, comb = layer._pre(x, "ffn")
+        return hc_post(layer.ffn(layer.ffn_norm(h), ids), x, post, comb)
 
     @staticmethod
     def _query_blocks(batch: RaggedBatch) -> list[QueryBlocks]:
@@ -139,7 +167,7 @@ class V4ModelRunner(ModelRunner):
         fp8 = self.fp8 and pool.endswith("compressed_kv")
         write_compressed(self.pools[pool], batch.compressed_slot_mapping[ratio], pooled, fp8=fp8)
 
-    def _attention(self, i: int, attn: Attention, x: torch.Tensor, batch: RaggedBatch,
+    def _attention(self, name: str, attn: Attention, x: torch.Tensor, batch: RaggedBatch,
                    blocks: list[QueryBlocks]) -> torch.Tensor:
         m, T = self.model, batch.num_tokens
         H, hd, ratio = attn.n_heads, attn.head_dim, attn.ratio
@@ -153,20 +181,20 @@ class V4ModelRunner(ModelRunner):
         kv = keep_kv(kv)
         entries = visible = None
         if ratio:
-            self._compress(attn.compressor, x, batch, inv_freq, f"{i}.compressor",
-                           f"{i}.compressed_kv", lambda t: keep_kv(t.to(kv.dtype)))
+            self._compress(attn.compressor, x, batch, inv_freq, f"{name}.compressor",
+                           f"{name}.compressed_kv", lambda t: keep_kv(t.to(kv.dtype)))
             bs = self.layout.block_size
-            entries, _ = gather_compressed(self.pools[f"{i}.compressed_kv"], batch, ratio, bs,
+            entries, _ = gather_compressed(self.pools[f"{name}.compressed_kv"], batch, ratio, bs,
                                            fp8=self.fp8)
             entries = entries.to(kv.dtype)  # [B, E, hd]
             visible = compressed_visibility(batch, ratio, entries.shape[1])  # [T, E]
             if ratio == 4:  # the indexer's compressor advances on every token
                 idx = attn.indexer
                 to_key = quantize_indexer if m.indexer_fp4 else (lambda t: t)
-                self._compress(idx.compressor, x, batch, inv_freq, f"{i}.index_compressor",
-                               f"{i}.index_keys", to_key)
+                self._compress(idx.compressor, x, batch, inv_freq, f"{name}.index_compressor",
+                               f"{name}.index_keys", to_key)
                 if entries.shape[1]:
-                    ikeys, _ = gather_compressed(self.pools[f"{i}.index_keys"], batch, 4, bs)
+                    ikeys, _ = gather_compressed(self.pools[f"{name}.index_keys"], batch, 4, bs)
                     qi = idx.wq_b(qr).view(T, idx.n_heads, idx.head_dim).float()
                     qi = to_key(apply_rope(qi, cos[:, None], sin[:, None]))
                     scores = torch.relu_(torch.einsum("thd,ted->the", qi,
@@ -176,7 +204,7 @@ class V4ModelRunner(ModelRunner):
                     scores = scores.masked_fill(~visible, float("-inf"))
                     top = stable_topk(scores, min(idx.topk, scores.shape[1]))
                     visible = visible & torch.zeros_like(visible).scatter_(1, top, True)
-        window = self.pools[f"{i}.window_kv"]
+        window = self.pools[f"{name}.window_kv"]
         out = q.new_empty(T, H, hd)
         for b in blocks:  # the window is read before this step's rows are written
             groups = [window_band(window, kv, batch, b, fp8=self.fp8)]
@@ -190,3 +218,18 @@ class V4ModelRunner(ModelRunner):
         wo_a = attn.wo_a.weight.view(g, m.args.o_lora_rank, -1)
         out = torch.einsum("tgd,grd->tgr", out.reshape(T, g, -1), wo_a).flatten(1)
         return attn.wo_b(out)[None]  # [1, T, D]
+
+
+def _check_mtp(model: Transformer, num_drafts: int) -> None:
+    if len(model.mtp) < num_drafts:
+        raise ValueError(
+            f"num_speculative_tokens={num_drafts} needs {num_drafts} MTP layer(s), but this "
+            f"checkpoint has {len(model.mtp)} (num_nextn_predict_layers); set "
+            "num_speculative_tokens=0."
+        )
+    ratio = model.mtp[0].ratio
+    if ratio:
+        raise ValueError(
+            f"the MTP layer has compress ratio {ratio}; MTP drafting supports window-only MTP "
+            "layers (ratio 0, as in the released V4 configs). Set num_speculative_tokens=0."
+        )

@@ -55,6 +55,7 @@ class Request:
     state_slot: int | None = None
     block_table: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None
+    draft_token_ids: list[int] = field(default_factory=list)  # the MTP's guess of what follows
     num_preemptions: int = 0
     arrival_index: int = field(default_factory=lambda: next(_arrival_counter))
 

@@ -69,7 +69,18 @@ class ModelRunner(abc.ABC):
     vocab_size: int
     eos_token_id: int | None
     layout: KVCacheLayout
+    num_speculative_tokens: int = 0  # draft tokens per decode step (propose_drafts)
 
     @abc.abstractmethod
     def execute_model(self, batch: RaggedBatch) -> torch.Tensor:
         """Forward one ragged step; return logits [S, vocab] of the sampled positions."""
+
+    def propose_drafts(self, batch: RaggedBatch, stream_rows: torch.Tensor) -> torch.Tensor:
+        """Runners with `num_speculative_tokens` > 0: draft token ids [S] for the next step.
+
+        Called after `execute_model` with `build_draft_batch`'s batch: its token t is the
+        drafter's input at position p, the known token at p + 1, paired with row
+        `stream_rows[t]` of the tokens of that last `execute_model` (position p). The drafter
+        keeps its own cache for these positions (the V4 runner: the MTP layer's window ring).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not draft tokens")

@@ -4,6 +4,8 @@ Policy (FCFS, one step at a time):
 1. Running requests, oldest first, decodes before unfinished prefills, each takes
    min(tokens it has left to compute, remaining budget) tokens. Chunks may be any size: the
    runner handles a compressor window that spans chunks through the per-request state slot.
+   A decode that has an MTP draft takes it along (two tokens: the last one and the guess of
+   the next) when the budget, its blocks and max_tokens allow; a draft never preempts.
 2. If a running request cannot get the blocks it needs, the NEWEST running request is
    preempted (blocks and slot freed, `num_computed_tokens` reset, requeued at the front of the
    waiting queue to be recomputed later, generated tokens kept). Oldest requests are protected.
@@ -28,14 +30,22 @@ from dsv4.engine.request import Request, RequestStatus, TokenLogprobs
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # known tokens to compute, then the draft tokens
     start_pos: int  # = request.num_computed_tokens when scheduled: position of the first new token
     is_prefill: bool  # more than the single latest token (prompt, or recompute after preemption)
     samples: bool  # the chunk reaches the last known token, so a new token is sampled
+    draft_token_ids: list[int] = field(default_factory=list)  # MTP guesses after the last token
 
     @property
     def token_ids(self) -> list[int]:
-        return self.request.all_token_ids[self.start_pos : self.start_pos + self.num_new_tokens]
+        known = self.num_new_tokens - len(self.draft_token_ids)
+        return self.request.all_token_ids[self.start_pos : self.start_pos + known] + \
+            self.draft_token_ids
+
+    @property
+    def num_samples(self) -> int:
+        """Logits rows sampled: the last known token's, then one per draft token."""
+        return 1 + len(self.draft_token_ids) if self.samples else 0
 
 
 @dataclass
@@ -77,6 +87,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # sorted by arrival: running[-1] is the newest
         self.num_preemptions = 0  # total so far, for metrics and tests
+        self.num_draft_tokens = 0  # MTP draft tokens verified so far
+        self.num_accepted_draft_tokens = 0  # ... and those that matched the sampled token
 
     # -- requests in and out ---------------------------------------------------------------
 
@@ -133,13 +145,14 @@ class Scheduler:
         by_id: dict[str, ScheduledRequest] = {}
         budget = self.max_num_batched_tokens
 
-        def add(req: Request, n: int) -> None:
+        def add(req: Request, n: int, draft: list[int] | None = None) -> None:
             entry = ScheduledRequest(
                 request=req,
-                num_new_tokens=n,
+                num_new_tokens=n + len(draft or ()),
                 start_pos=req.num_computed_tokens,
                 is_prefill=req.num_tokens_to_compute > 1,
                 samples=req.num_computed_tokens + n == req.num_tokens,
+                draft_token_ids=list(draft or ()),
             )
             by_id[req.request_id] = entry
             out.scheduled.append(entry)
@@ -160,9 +173,12 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 continue
-            self.block_manager.grow(req, total)
-            add(req, n)
-            budget -= n
+            draft = self._usable_draft(req, budget - n)
+            if draft and not self.block_manager.can_grow(req, total + len(draft)):
+                draft = []  # a draft never preempts anyone
+            self.block_manager.grow(req, total + len(draft))
+            add(req, n, draft)
+            budget -= n + len(draft)
 
         while (
             self.waiting
@@ -183,6 +199,19 @@ class Scheduler:
             budget -= n
         return out
 
+    def _usable_draft(self, req: Request, budget: int) -> list[int]:
+        """The request's MTP draft, if it is decoding and the draft fits the step's budget, the
+        sequence limit and what max_tokens leaves (a draft is only worth its cost when the
+        token after it may be generated too)."""
+        draft = req.draft_token_ids
+        if not draft or req.num_tokens_to_compute != 1 or len(draft) > budget:
+            return []
+        room = self.max_seq_len - req.num_tokens
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - req.num_output_tokens - 1)
+        return draft[: max(room, 0)]
+
     def _insert_running(self, req: Request) -> None:
         i = len(self.running)
         while i > 0 and self.running[i - 1].arrival_index > req.arrival_index:
@@ -197,6 +226,7 @@ class Scheduler:
         self.block_manager.free(victim)
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
+        victim.draft_token_ids = []
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
@@ -210,24 +240,36 @@ class Scheduler:
     def update_from_output(
         self,
         out: SchedulerOutput,
-        sampled: dict[str, tuple[int, TokenLogprobs | None]],
+        sampled: dict[str, list[tuple[int, TokenLogprobs | None]]],
     ) -> list[Request]:
         """Advance the scheduled requests by one step.
 
-        `sampled` maps request_id -> (token id, logprobs) for every entry with `samples` set.
-        Returns the requests that got a new token (finished ones included, already freed).
+        `sampled` maps request_id -> its `num_samples` rows of (token id, logprobs) for every
+        entry with `samples` set: the token after the last known one, then the token after each
+        draft token. Tokens are taken in order while the draft matches what was sampled: a draft
+        token equal to the sampled one was the right input, so its KV stays and the next row is
+        valid; at the first mismatch the rest is dropped (its cache rows are simply rewritten by
+        the next step, as every row is addressed by position). Returns the requests that got
+        new tokens (finished ones included, already freed).
         """
         updated: list[Request] = []
         for entry in out.scheduled:
             req = entry.request
             if req.status is not RequestStatus.RUNNING:  # aborted between schedule and update
                 continue
-            req.num_computed_tokens += entry.num_new_tokens
+            draft = entry.draft_token_ids
+            req.num_computed_tokens += entry.num_new_tokens - len(draft)
+            req.draft_token_ids = []
             if not entry.samples:
                 continue
-            token_id, logprobs = sampled[req.request_id]
-            req.append_token(token_id, logprobs)
-            if req.check_stop(self.max_seq_len):
+            for j, (token_id, logprobs) in enumerate(sampled[req.request_id]):
+                req.append_token(token_id, logprobs)
+                if req.check_stop(self.max_seq_len) or j == len(draft) or token_id != draft[j]:
+                    break
+                req.num_computed_tokens += 1
+                self.num_accepted_draft_tokens += 1
+            self.num_draft_tokens += len(draft)
+            if req.is_finished:
                 self.running.remove(req)
                 self.block_manager.free(req)
                 if req.detokenizer is not None and req.stop_reason is None:
