@@ -536,6 +536,26 @@ def test_metrics_after_traffic(server, client):
     assert 'dsv4_time_to_first_token_seconds_bucket{le="+Inf"}' in m
 
 
+def test_mtp_speculative_server_streams_what_the_plain_server_does(server, client, model_dir):
+    """`--num-speculative-tokens 1`: a step may yield two tokens; streams, tool calls and
+    logprobs must come out as from the plain server, and /metrics counts the drafts."""
+    spec = ServerProcess(model_dir, "--num-speculative-tokens", "1", api_key=KEY)
+    try:
+        spec_client = openai.OpenAI(base_url=spec.url + "/v1", api_key=KEY, max_retries=0,
+                                    timeout=60)
+        asks = [dict(messages=[{"role": "user", "content": "What is 47 + 38?"}],
+                     extra_body={"thinking": {"type": "enabled"}}),
+                dict(messages=WEATHER, tools=TOOLS)]
+        for ask in asks:
+            kwargs = dict(model=MODEL, max_tokens=48, temperature=0, logprobs=True, **ask)
+            assert _stream_chat(spec_client, **kwargs) == _stream_chat(client, **kwargs)
+        m = spec.metrics()
+        drafts = m["dsv4_spec_decode_num_draft_tokens_total"]
+        assert drafts > 0 and m["dsv4_spec_decode_num_accepted_tokens_total"] <= drafts
+    finally:
+        spec.stop()
+
+
 # any JSON Python's parser accepts, NaN / Infinity and lone surrogates included
 json_text = st.text(st.characters(categories=["L", "N", "P", "S", "Z", "Cc", "Cs"]), max_size=20)
 json_values = st.recursive(

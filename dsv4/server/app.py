@@ -38,6 +38,7 @@ def build_engine(args: ServerArgs) -> tuple[LLMEngine, Tokenizer]:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        num_speculative_tokens=args.num_speculative_tokens,
         tokenizer=tokenizer,
     )
     return llm.engine, tokenizer

@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest prompt + output (default: the model's)")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                         help="KV-cache budget in bytes (default: 1 GiB)")
+    parser.add_argument("--num-speculative-tokens", type=int,
+                        default=d["num_speculative_tokens"].default,
+                        help="1: decode with the model's MTP layer as drafter (same outputs, "
+                             "up to 2 tokens per step); 0: off")
     parser.add_argument("--max-queue", type=int, default=d["max_queue"].default,
                         help="sequences that may wait beyond --max-num-seqs before 429")
     parser.add_argument("--shutdown-timeout", type=float, default=d["shutdown_timeout_s"].default,

@@ -33,6 +33,7 @@ class ServerArgs:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     kv_cache_memory_bytes: int | None = None
+    num_speculative_tokens: int = 0
     max_queue: int = 256
     shutdown_timeout_s: float = 30.0
     torch_threads: int | None = None

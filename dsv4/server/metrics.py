@@ -133,6 +133,10 @@ class ServerMetrics:
             gauge("num_preemptions_total", "num_preemptions_total", "Sequences preempted so far "
                   "(cumulative)."),
             gauge("engine_steps_total", "num_steps", "Engine steps run (cumulative)."),
+            gauge("spec_decode_num_draft_tokens_total", "spec_decode_draft_tokens_total",
+                  "MTP draft tokens verified (cumulative)."),
+            gauge("spec_decode_num_accepted_tokens_total", "spec_decode_accepted_tokens_total",
+                  "MTP draft tokens that matched the sampled token (cumulative)."),
         ]
 
     def render(self) -> str:
