@@ -37,7 +37,7 @@ from dsv4.engine.sampling_params import SamplingParams  # noqa: E402
 
 def decode_weight_bytes(model) -> float:
     """Bytes of weights one decode token reads: every matrix once, routed experts at k / E
-    (a token uses k of them), one embedding row; the MTP layer is not run by the engine."""
+    (a token uses k of them), one embedding row; the MTP layer is not run (plain decoding)."""
     args = model.args
     total = 0.0
     for name, p in model.named_parameters():

@@ -10,6 +10,7 @@ import transformers
 
 from dsv4.model.config import ModelArgs
 from dsv4.model.loader import build_model
+from dsv4.model.transformer import Transformer
 
 # transformers name (after `model.` is stripped) -> released name, applied in order
 _RENAMES = [
@@ -76,8 +77,7 @@ def tiny_args(**overrides) -> ModelArgs:
     return ModelArgs(**base)
 
 
-def hf_model(args: ModelArgs, seed: int = 0) -> transformers.DeepseekV4ForCausalLM:
-    """A random transformers V4 with weights scaled so every branch matters."""
+def _hf_untrained(args: ModelArgs) -> transformers.DeepseekV4ForCausalLM:
     keys = (
         "vocab_size hidden_size num_hidden_layers num_attention_heads head_dim "
         "qk_rope_head_dim q_lora_rank o_groups o_lora_rank n_routed_experts "
@@ -86,9 +86,26 @@ def hf_model(args: ModelArgs, seed: int = 0) -> transformers.DeepseekV4ForCausal
         "hc_mult hc_sinkhorn_iters routed_scaling_factor rope_theta compress_rope_theta "
         "swiglu_limit"
     ).split()
-    cfg = transformers.DeepseekV4Config(**{k: getattr(args, k) for k in keys}, eos_token_id=1)
+    cfg = transformers.DeepseekV4Config(**{k: getattr(args, k) for k in keys},
+                                        bos_token_id=args.bos_token_id,
+                                        eos_token_id=args.eos_token_id)
+    return transformers.DeepseekV4ForCausalLM(cfg).float().eval()
+
+
+def _break_ties_like_dsv4(model: transformers.DeepseekV4ForCausalLM) -> None:
+    # ReLU scores tie exactly (at 0) in tiny models, and torch.topk breaks ties differently for
+    # different tensor widths. dsv4 defines the rule (lower entry index wins); give the oracle
+    # the same rule by nudging exact zeros only (1e-30 vanishes against any nonzero score).
+    for module in model.modules():
+        if type(module).__name__ == "DeepseekV4IndexerScorer":
+            module.register_forward_hook(
+                lambda mod, inp, out: out - 1e-30 * torch.arange(out.shape[-1], device=out.device))
+
+
+def hf_model(args: ModelArgs, seed: int = 0) -> transformers.DeepseekV4ForCausalLM:
+    """A random transformers V4 with weights scaled so every branch matters."""
     torch.manual_seed(seed)
-    model = transformers.DeepseekV4ForCausalLM(cfg).float().eval()
+    model = _hf_untrained(args)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -105,14 +122,40 @@ def hf_model(args: ModelArgs, seed: int = 0) -> transformers.DeepseekV4ForCausal
                 b.copy_(torch.randint(0, args.n_routed_experts, b.shape, generator=g))
             elif name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-    # ReLU scores tie exactly (at 0) in tiny models, and torch.topk breaks ties differently for
-    # different tensor widths. dsv4 defines the rule (lower entry index wins); give the oracle
-    # the same rule by nudging exact zeros only (1e-30 vanishes against any nonzero score).
-    for module in model.modules():
-        if type(module).__name__ == "DeepseekV4IndexerScorer":
-            module.register_forward_hook(
-                lambda mod, inp, out: out - 1e-30 * torch.arange(out.shape[-1], device=out.device))
+    _break_ties_like_dsv4(model)
     return model
+
+
+def hf_model_from(model: Transformer) -> transformers.DeepseekV4ForCausalLM:
+    """transformers' V4 holding the (fp32) weights of a dsv4 model, e.g. the bundled
+    dsv4-tiny; transformers has no MTP layer, so that one is left out."""
+    args, ours = model.args, model.state_dict()
+    hf = _hf_untrained(args)
+    weights = {}
+    for hf_name, t in hf.state_dict().items():
+        name = _released_name(hf_name)
+        prefix = name.rsplit(".", 1)[0] + "."
+        if name.endswith("experts.gate_up_proj"):
+            weights[hf_name] = torch.stack([
+                torch.cat([ours[f"{prefix}{e}.w1.weight"], ours[f"{prefix}{e}.w3.weight"]])
+                for e in range(t.shape[0])])
+        elif name.endswith("experts.down_proj"):
+            weights[hf_name] = torch.stack([ours[f"{prefix}{e}.w2.weight"]
+                                            for e in range(t.shape[0])])
+        elif name in ours:
+            weights[hf_name] = ours[name].to(t.dtype)
+        else:  # computed buffers (RoPE frequencies)
+            weights[hf_name] = t
+    hf.load_state_dict(weights)
+    _break_ties_like_dsv4(hf)
+    return hf
+
+
+def _released_name(hf_name: str) -> str:
+    name = re.sub(r"^model\.", "", hf_name)
+    for pattern, repl in _RENAMES:
+        name = re.sub(pattern, repl, name)
+    return name
 
 
 def released_state_dict(
@@ -123,9 +166,7 @@ def released_state_dict(
     out: dict[str, torch.Tensor] = {}
     inter = args.moe_intermediate_size
     for name, t in hf.state_dict().items():
-        name = re.sub(r"^model\.", "", name)
-        for pattern, repl in _RENAMES:
-            name = re.sub(pattern, repl, name)
+        name = _released_name(name)
         if name.endswith("experts.gate_up_proj"):
             prefix = name[: -len("gate_up_proj")]
             for e in range(t.shape[0]):
