@@ -69,48 +69,24 @@ def build_batch(out: SchedulerOutput, layout: KVCacheLayout) -> RaggedBatch:
     if not scheduled:
         raise ValueError("build_batch needs at least one scheduled request")
     ids: list[int] = []
-    lens = []
     for s in scheduled:
         chunk = s.token_ids
         assert len(chunk) == s.num_new_tokens, "scheduled more tokens than the request has"
         ids.extend(chunk)
-        lens.append(s.num_new_tokens)
-    num_new = torch.tensor(lens, dtype=torch.int64)  # [B]
-    start_pos = torch.tensor([s.start_pos for s in scheduled], dtype=torch.int64)  # [B]
-    query_start_loc = torch.zeros(len(scheduled) + 1, dtype=torch.int64)
-    query_start_loc[1:] = num_new.cumsum(0)
-    seq_index = torch.repeat_interleave(torch.arange(len(scheduled)), num_new)  # [T]
-    positions = start_pos[seq_index] + (
-        torch.arange(len(ids)) - query_start_loc[:-1][seq_index]
-    )  # [T]
-    state_slots = torch.tensor([s.request.state_slot for s in scheduled], dtype=torch.int64)
     width = max(len(s.request.block_table) for s in scheduled)
     block_tables = torch.full((len(scheduled), max(width, 1)), -1, dtype=torch.int64)
     for i, s in enumerate(scheduled):
         block_tables[i, : len(s.request.block_table)] = torch.tensor(s.request.block_table)
-    ratios = sorted({m for m in layout.spec.compress_ratios if m})
-    ends = query_start_loc[1:].tolist()
-    sample_rows = [t for s, end in zip(scheduled, ends) for t in range(end - s.num_samples, end)]
-    compressed = {
-        m: compressed_slot_mapping(block_tables, seq_index, positions, m, layout.block_size)
-        for m in ratios
-    }
-    return RaggedBatch(
-        input_ids=torch.tensor(ids, dtype=torch.int64),
-        positions=positions,
-        seq_index=seq_index,
-        query_start_loc=query_start_loc,
-        start_pos=start_pos,
-        seq_lens=start_pos + num_new,
-        state_slots=state_slots,
+    return _ragged(
+        ids,
+        num_new=[s.num_new_tokens for s in scheduled],
+        start_pos=[s.start_pos for s in scheduled],
+        state_slots=[s.request.state_slot for s in scheduled],
+        num_logits=[s.num_samples for s in scheduled],
         block_tables=block_tables,
-        window_slot_mapping=window_slot_mapping(
-            state_slots[seq_index], positions, layout.spec.sliding_window
-        ),
-        compressed_slot_mapping=compressed,
-        logits_indices=torch.tensor(sample_rows, dtype=torch.int64),
+        ratios=sorted({m for m in layout.spec.compress_ratios if m}),
+        layout=layout,
         scheduled=list(scheduled),
-        num_closing={m: int((slots >= 0).sum()) for m, slots in compressed.items()},
     )
 
 
@@ -122,41 +98,56 @@ def build_draft_batch(
     model's final streams at p and the token at p + 1. Logits are taken at the last position of
     each request that decodes next (it gets a new draft); those requests are returned in
     logits order. The MTP layer has a window only, so no blocks or compressed slots."""
-    ids, positions, seq_index, lens, starts, slots = [], [], [], [], [], []
-    drafting: list[Request] = []
-    logits_rows = []
-    for i, (req, start, count) in enumerate(spans):
+    ids: list[int] = []
+    for req, start, count in spans:
         ids += req.all_token_ids[start + 1 : start + 1 + count]
-        positions += range(start, start + count)
-        seq_index += [i] * count
-        lens.append(count)
-        starts.append(start)
-        slots.append(req.state_slot)
-        if req.num_tokens_to_compute == 1:
-            drafting.append(req)
-            logits_rows.append(len(ids) - 1)
-    num_new = torch.tensor(lens, dtype=torch.int64)
-    query_start_loc = torch.zeros(len(spans) + 1, dtype=torch.int64)
-    query_start_loc[1:] = num_new.cumsum(0)
-    positions_t = torch.tensor(positions, dtype=torch.int64)
-    seq_index_t = torch.tensor(seq_index, dtype=torch.int64)
-    state_slots = torch.tensor(slots, dtype=torch.int64)
-    start_pos = torch.tensor(starts, dtype=torch.int64)
-    batch = RaggedBatch(
-        input_ids=torch.tensor(ids, dtype=torch.int64),
-        positions=positions_t,
-        seq_index=seq_index_t,
-        query_start_loc=query_start_loc,
-        start_pos=start_pos,
-        seq_lens=start_pos + num_new,
-        state_slots=state_slots,
+    drafting = [req for req, _, _ in spans if req.num_tokens_to_compute == 1]
+    batch = _ragged(
+        ids,
+        num_new=[count for _, _, count in spans],
+        start_pos=[start for _, start, _ in spans],
+        state_slots=[req.state_slot for req, _, _ in spans],
+        num_logits=[int(req.num_tokens_to_compute == 1) for req, _, _ in spans],
         block_tables=torch.full((len(spans), 1), -1, dtype=torch.int64),
-        window_slot_mapping=window_slot_mapping(
-            state_slots[seq_index_t], positions_t, layout.spec.sliding_window
-        ),
-        compressed_slot_mapping={},
-        logits_indices=torch.tensor(logits_rows, dtype=torch.int64),
+        ratios=[],
+        layout=layout,
         scheduled=[],
-        num_closing={},
     )
     return batch, drafting
+
+
+def _ragged(ids: list[int], *, num_new: list[int], start_pos: list[int], state_slots: list[int],
+            num_logits: list[int], block_tables: torch.Tensor, ratios: list[int],
+            layout: KVCacheLayout, scheduled: list[ScheduledRequest]) -> RaggedBatch:
+    """The batch of requests whose new tokens `ids` are concatenated, request i owning
+    num_new[i] of them from position start_pos[i]; logits at the last num_logits[i]."""
+    num_new_t = torch.tensor(num_new, dtype=torch.int64)  # [B]
+    start = torch.tensor(start_pos, dtype=torch.int64)  # [B]
+    query_start_loc = torch.zeros(len(num_new) + 1, dtype=torch.int64)
+    query_start_loc[1:] = num_new_t.cumsum(0)
+    seq_index = torch.repeat_interleave(torch.arange(len(num_new)), num_new_t)  # [T]
+    positions = start[seq_index] + (torch.arange(len(ids)) - query_start_loc[:-1][seq_index])
+    slots = torch.tensor(state_slots, dtype=torch.int64)
+    ends = query_start_loc[1:].tolist()
+    logits_rows = [t for n, end in zip(num_logits, ends) for t in range(end - n, end)]
+    compressed = {
+        m: compressed_slot_mapping(block_tables, seq_index, positions, m, layout.block_size)
+        for m in ratios
+    }
+    return RaggedBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64),
+        positions=positions,
+        seq_index=seq_index,
+        query_start_loc=query_start_loc,
+        start_pos=start,
+        seq_lens=start + num_new_t,
+        state_slots=slots,
+        block_tables=block_tables,
+        window_slot_mapping=window_slot_mapping(
+            slots[seq_index], positions, layout.spec.sliding_window
+        ),
+        compressed_slot_mapping=compressed,
+        logits_indices=torch.tensor(logits_rows, dtype=torch.int64),
+        scheduled=scheduled,
+        num_closing={m: int((rows >= 0).sum()) for m, rows in compressed.items()},
+    )
