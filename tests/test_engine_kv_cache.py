@@ -59,6 +59,17 @@ def test_allocated_pools_have_the_accounted_bytes(dtype):
     assert pools["1.compressor_kv"].shape == (2, 8, 1024)  # overlapping ratio-4 window
     assert pools["2.compressor_kv"].shape == (2, 128, 512)
     assert "0.compressed_kv" not in pools and "2.index_keys" not in pools
+    assert "mtp.0.window_kv" not in pools
+
+
+def test_mtp_drafting_adds_one_window_ring_per_slot():
+    plain = CacheSpec(num_hidden_layers=4, compress_ratios=(0, 4, 128, 4))
+    drafting = CacheSpec(num_hidden_layers=4, compress_ratios=(0, 4, 128, 4), num_mtp_layers=1)
+    assert drafting.state_bytes_per_slot - plain.state_bytes_per_slot == 128 * 512 * 2
+    layout = KVCacheLayout(drafting, block_size=128, num_blocks=3, num_state_slots=2)
+    pools = layout.allocate("cpu")
+    assert pools["mtp.0.window_kv"].shape == (2, 128, 512)
+    assert sum(t.numel() * t.element_size() for t in pools.values()) == layout.total_bytes
 
 
 def test_plan_layout_balances_pools_for_the_reference_length():

@@ -16,6 +16,8 @@ So the cache has two pools:
   and, in compressed layers, the compressor's partial-window rows `compressor_kv/score` (CSA:
   2 x 4 rows of 2 x 512 channels because ratio-4 windows overlap; HCA: 128 rows of 512; the
   CSA indexer's own compressor: 2 x 4 rows of 2 x 128), kept in fp32 as the compressor computes.
+  With MTP drafting on, the MTP layer (window only in the released configs) adds one more
+  window ring per slot, `mtp.0.window_kv`.
 * **Blocks** of `block_size` tokens of context (a multiple of 128). Block b holds, in every CSA
   layer, `block_size / 4` compressed entries and as many indexer keys, and in every HCA layer
   `block_size / 128` compressed entries. All growing kinds advance in step with the token count,
