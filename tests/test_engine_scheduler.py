@@ -202,3 +202,16 @@ def test_a_draft_never_outruns_max_tokens_a_stop_or_the_budget():
     s.add_request(req)
     _step(s)
     assert _decode_with_draft(s, req, draft=7, sampled=[7]).num_new_tokens == 1
+
+
+def test_a_draft_takes_only_blocks_no_running_request_needs():
+    s = _sched(num_blocks=3, budget=512)
+    a, b = _req("a", 127, max_tokens=8), _req("b", 128, max_tokens=2)
+    s.add_request(a)
+    s.add_request(b)
+    _step(s)  # one block each; a's draft (position 128) and b's next token both need the last
+    a.draft_token_ids = [3]
+    out = s.schedule()
+    assert s.num_preemptions == 0
+    assert [(e.request.request_id, e.num_new_tokens) for e in out.scheduled] == [("a", 1),
+                                                                                ("b", 1)]

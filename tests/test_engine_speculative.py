@@ -73,7 +73,7 @@ def test_preemption_with_drafts_gives_the_same_outputs(random_checkpoint):
     spec = CacheSpec.from_config(model.args, num_mtp_layers=1)
     layout = KVCacheLayout(spec, block_size=128, num_blocks=4, num_state_slots=8)
     llm = LLM(runner=V4ModelRunner(model, layout, max_model_len=512), max_num_seqs=8,
-              max_num_batched_tokens=64)
+              max_num_batched_tokens=64, num_speculative_tokens=1)
     outs = llm.generate(prompts * 2, params)
     assert llm.engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]

@@ -1,7 +1,8 @@
 """Bookkeeping of the hybrid cache pools: free lists of state slots and blocks.
 
 Pure Python: the tensors themselves live with the runner (see kv_cache.py for the layout). A
-running request owns one state slot and `ceil(num_computed_tokens / block_size)` blocks. No
+running request owns one state slot and the blocks of the tokens it has computed (plus, after a
+rejected MTP draft, possibly the block of the next token, which it will need anyway). No
 prefix sharing, so no reference counts: a block has exactly one owner or is free.
 """
 

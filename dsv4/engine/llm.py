@@ -78,6 +78,12 @@ class LLM:
                 raise ValueError("LLM needs model=PATH (a V4 checkpoint directory).")
             runner, model_max_len = _build_runner(model, device, dtype, self.config)
         else:
+            if runner.num_speculative_tokens != num_speculative_tokens:
+                raise ValueError(
+                    f"num_speculative_tokens={num_speculative_tokens} but the runner drafts "
+                    f"{runner.num_speculative_tokens} (its cache layout decides); pass the same "
+                    "number to both."
+                )
             model_max_len = runner.layout.max_tokens_per_seq
         self.engine = LLMEngine(
             runner,

@@ -10,7 +10,9 @@ Two kinds of storage (see kv_cache.py):
   (R = sliding_window, KV entries) and the compressor's open-window buffers
   (R = 2m for the overlapping ratio-4 compressor, m for ratio 128; kv and score rows). A ring
   holds the last R positions before the step; this step's tokens come from the fresh tensors.
-* **Compressed pools** in blocks, addressed through block tables, never overwritten.
+* **Compressed pools** in blocks, addressed through block tables. An entry is written when a
+  token closes its window; only an MTP draft that was then rejected can have closed it, and
+  the real token rewrites it in the next step before anything reads it.
 
 fp8 pools hold packed 584-byte entries of V4's 512-channel KV (64 RoPE channels); pass
 `fp8=True` to pack on write / unpack on read.

@@ -35,6 +35,9 @@ class ModelRunner(abc.ABC):
           [start_pos - R, start_pos), so a reused slot (new request, or recompute after a
           preemption) never sees its previous owner's rows and needs no clearing.
     * It returns fp32 logits `[len(batch.logits_indices), vocab_size]`, in that order.
+    * Tokens may be guesses (MTP drafts) that the engine later rejects: the request's next step
+      then starts at that position again. As every row above is addressed by position and a
+      step writes before it reads, the rejected rows are simply overwritten; no rollback.
     * No Python loop over requests inside layers: per-request structure comes in as tensors.
 
     Wiring recipe for the V4 runner, as tests/engine_v4_oracle.py does it over transformers'

@@ -145,14 +145,13 @@ class Scheduler:
         by_id: dict[str, ScheduledRequest] = {}
         budget = self.max_num_batched_tokens
 
-        def add(req: Request, n: int, draft: list[int] | None = None) -> None:
+        def add(req: Request, n: int) -> None:
             entry = ScheduledRequest(
                 request=req,
-                num_new_tokens=n + len(draft or ()),
+                num_new_tokens=n,
                 start_pos=req.num_computed_tokens,
                 is_prefill=req.num_tokens_to_compute > 1,
                 samples=req.num_computed_tokens + n == req.num_tokens,
-                draft_token_ids=list(draft or ()),
             )
             by_id[req.request_id] = entry
             out.scheduled.append(entry)
@@ -173,12 +172,19 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 continue
-            draft = self._usable_draft(req, budget - n)
-            if draft and not self.block_manager.can_grow(req, total + len(draft)):
-                draft = []  # a draft never preempts anyone
-            self.block_manager.grow(req, total + len(draft))
-            add(req, n, draft)
-            budget -= n + len(draft)
+            self.block_manager.grow(req, total)
+            add(req, n)
+            budget -= n
+        # Drafts come after every running request has its blocks: they use what is left and
+        # never cause a preemption.
+        for entry in out.scheduled:
+            draft = self._usable_draft(entry.request, budget)
+            total = entry.start_pos + entry.num_new_tokens + len(draft)
+            if draft and self.block_manager.can_grow(entry.request, total):
+                self.block_manager.grow(entry.request, total)
+                entry.num_new_tokens += len(draft)
+                entry.draft_token_ids = list(draft)
+                budget -= len(draft)
 
         while (
             self.waiting
@@ -206,7 +212,7 @@ class Scheduler:
         draft = req.draft_token_ids
         if not draft or req.num_tokens_to_compute != 1 or len(draft) > budget:
             return []
-        room = self.max_seq_len - req.num_tokens
+        room = self.max_seq_len - req.num_tokens - 1
         max_tokens = req.sampling_params.max_tokens
         if max_tokens is not None:
             room = min(room, max_tokens - req.num_output_tokens - 1)
@@ -264,10 +270,11 @@ class Scheduler:
                 continue
             for j, (token_id, logprobs) in enumerate(sampled[req.request_id]):
                 req.append_token(token_id, logprobs)
-                if req.check_stop(self.max_seq_len) or j == len(draft) or token_id != draft[j]:
+                right = j < len(draft) and token_id == draft[j]
+                self.num_accepted_draft_tokens += right
+                if req.check_stop(self.max_seq_len) or not right:
                     break
                 req.num_computed_tokens += 1
-                self.num_accepted_draft_tokens += 1
             self.num_draft_tokens += len(draft)
             if req.is_finished:
                 self.running.remove(req)
