@@ -7,9 +7,10 @@ MTP layer (a random one's drafts are all rejected). It runs in fp32 on held-out 
 (thinking-mode arithmetic and tool calls, whose answers are tens of tokens long), greedy until
 EOS. The three systems must produce the same tokens (checked before timing). As in
 engine_throughput.py each system is also timed for one output token (its prefill), so the
-decode phase is reported apart from the end-to-end time. Prints a table, then one JSON line.
+decode phase is reported apart from the end-to-end time. Then plain and drafting engines are
+compared with 8 and 32 requests at once. Prints a table, then one JSON line.
 
-    python benchmarks/mtp_speculative.py [--prompts 6 --max-tokens 160 --repeats 3]
+    python benchmarks/mtp_speculative.py [--prompts 6 --max-tokens 160 --concurrency 8,32]
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def main() -> int:
                         help="held-out examples; a tool example gives two prompts (its call "
                              "and its final answer)")
     parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",") if c],
+                        default=[8, 32], help="also compare plain and drafting engines with "
+                        "this many requests at once (comma-separated; empty to skip)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs per measurement; the median is reported (CPU timings vary)")
     opts = parser.parse_args()
@@ -119,9 +123,34 @@ def main() -> int:
           f"{summary['mtp_decode_vs_transformers']:.2f}x transformers "
           f"({summary['mtp_vs_transformers']:.2f}x end to end); plain decoding is "
           f"{summary['plain_decode_vs_transformers']:.2f}x transformers")
+    summary["concurrent"] = [concurrent(tokenizer, c, opts) for c in opts.concurrency]
     print(json.dumps({"benchmark": "mtp_speculative", "model": "dsv4-tiny (bundled), fp32",
                       "prompts": len(prompts), "rows": list(rows.values()), **summary}))
     return 0
+
+
+def concurrent(tokenizer: Tokenizer, num_requests: int, opts) -> dict:
+    """Plain vs drafting engine with `num_requests` held-out prompts submitted together
+    (prefill included); both must write the same tokens."""
+    count = opts.prompts
+    while len(held_out_prompts(tokenizer, count)) < num_requests:
+        count += 1
+    prompts = held_out_prompts(tokenizer, count)[:num_requests]
+    params = SamplingParams(temperature=0, max_tokens=opts.max_tokens)
+    result = {"requests": num_requests}
+    outputs = []
+    for key, drafts in (("plain_tok_s", 0), ("mtp_tok_s", 1)):
+        llm = LLM(model=str(BUNDLED), device="cpu", dtype="fp32", max_num_seqs=num_requests,
+                  num_speculative_tokens=drafts, tokenizer=tokenizer)
+        outputs.append([o.token_ids for o in llm.generate(prompts, params)])  # also warm-up
+        seconds, _ = median_seconds(lambda llm=llm: llm.generate(prompts, params), opts.repeats)
+        result[key] = sum(len(t) for t in outputs[-1]) / seconds
+    if outputs[0] != outputs[1]:
+        raise SystemExit(f"drafting changed the outputs at {num_requests} requests")
+    result["mtp_vs_plain"] = result["mtp_tok_s"] / result["plain_tok_s"]
+    print(f"{num_requests} requests at once: plain {result['plain_tok_s']:.1f} tok/s, with MTP "
+          f"{result['mtp_tok_s']:.1f} tok/s ({result['mtp_vs_plain']:.2f}x)")
+    return result
 
 
 if __name__ == "__main__":
