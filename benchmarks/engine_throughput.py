@@ -75,16 +75,16 @@ def median_seconds(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def measure(system: str, concurrency: int, run, opts) -> dict:
-    """Time `run(n)` (generate n tokens per request, return the tokens made) for the full
-    output and for one token. One token is the prefill plus a sample; the difference is the
-    decode phase, so decode tok/s counts the tokens after each request's first."""
-    seconds, tokens = median_seconds(lambda: run(opts.output_len), opts.repeats)
-    prefill_seconds, _ = median_seconds(lambda: run(1), opts.repeats)
-    return {"system": system, "concurrency": concurrency, "output_tokens": tokens,
-            "seconds": seconds, "output_tok_s": tokens / seconds,
-            "prefill_seconds": prefill_seconds,
-            "decode_tok_s": (tokens - concurrency) / max(seconds - prefill_seconds, 1e-9)}
+def measure(system: str, run, output_len: int, repeats: int, num_requests: int) -> dict:
+    """Time `run(n)` (generate up to n tokens for each of `num_requests` requests, return the
+    tokens made) for the full output and for one token. One token is the prefill plus a
+    sample; the difference is the decode phase, so decode tok/s counts the tokens after each
+    request's first."""
+    seconds, tokens = median_seconds(lambda: run(output_len), repeats)
+    prefill_seconds, _ = median_seconds(lambda: run(1), repeats)
+    return {"system": system, "output_tokens": tokens, "seconds": seconds,
+            "output_tok_s": tokens / seconds, "prefill_seconds": prefill_seconds,
+            "decode_tok_s": (tokens - num_requests) / max(seconds - prefill_seconds, 1e-9)}
 
 
 def main() -> int:
@@ -113,13 +113,15 @@ def main() -> int:
                 outs = llm.generate(prompts[:c], SamplingParams(temperature=0, max_tokens=n,
                                                                 ignore_eos=True))
                 return sum(len(o.token_ids) for o in outs)
-            rows.append(measure("dsv4 engine", c, run, opts))
+            rows.append({"concurrency": c, **measure("dsv4 engine", run, opts.output_len,
+                                                     opts.repeats, num_requests=c)})
     def hf_run(n):
         with torch.inference_mode():
             out = hf.generate(torch.tensor(prompts[:1]), max_new_tokens=n, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
         return out.shape[1] - opts.prompt_len
-    rows.append(measure("transformers generate", 1, hf_run, opts))
+    rows.append({"concurrency": 1, **measure("transformers generate", hf_run, opts.output_len,
+                                             opts.repeats, num_requests=1)})
 
     single = next(r for r in rows if r["system"] == "dsv4 engine" and r["concurrency"] == 1)
     hf_row = rows[-1]

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_throughput import median_seconds  # noqa: E402
+from engine_throughput import measure, median_seconds  # noqa: E402
 from v4_oracle import hf_model_from  # noqa: E402
 
 from dsv4.chat import Tokenizer  # noqa: E402
@@ -92,14 +92,11 @@ def main() -> int:
     scheduler = engines["dsv4 engine + MTP"].engine.scheduler
     drafted, accepted = scheduler.num_draft_tokens, scheduler.num_accepted_draft_tokens
 
-    num_tokens = sum(len(t) for t in reference)
-    rows = {}
-    for name, run in runs.items():
-        seconds, _ = median_seconds(lambda run=run: run(opts.max_tokens), opts.repeats)
-        prefill, _ = median_seconds(lambda run=run: run(1), opts.repeats)
-        rows[name] = {"system": name, "output_tokens": num_tokens, "seconds": seconds,
-                      "output_tok_s": num_tokens / seconds, "prefill_seconds": prefill,
-                      "decode_tok_s": (num_tokens - len(prompts)) / max(seconds - prefill, 1e-9)}
+    rows = {
+        name: measure(name, lambda n, run=run: sum(len(t) for t in run(n)), opts.max_tokens,
+                      opts.repeats, num_requests=len(prompts))
+        for name, run in runs.items()
+    }
     print(f"{'system':<22} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'prefill s':>9} "
           f"{'decode tok/s':>12}")
     for r in rows.values():

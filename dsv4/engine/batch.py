@@ -101,19 +101,19 @@ def build_draft_batch(
     ids: list[int] = []
     for req, start, count in spans:
         ids += req.all_token_ids[start + 1 : start + 1 + count]
-    drafting = [req for req, _, _ in spans if req.num_tokens_to_compute == 1]
+    decodes_next = [req.num_tokens_to_compute == 1 for req, _, _ in spans]
     batch = _ragged(
         ids,
         num_new=[count for _, _, count in spans],
         start_pos=[start for _, start, _ in spans],
         state_slots=[req.state_slot for req, _, _ in spans],
-        num_logits=[int(req.num_tokens_to_compute == 1) for req, _, _ in spans],
+        num_logits=[int(d) for d in decodes_next],
         block_tables=torch.full((len(spans), 1), -1, dtype=torch.int64),
         ratios=[],
         layout=layout,
         scheduled=[],
     )
-    return batch, drafting
+    return batch, [req for (req, _, _), d in zip(spans, decodes_next) if d]
 
 
 def _ragged(ids: list[int], *, num_new: list[int], start_pos: list[int], state_slots: list[int],

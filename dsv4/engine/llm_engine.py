@@ -196,7 +196,8 @@ class LLMEngine:
             for j in range(entry.num_samples):
                 params.append(req.sampling_params)
                 prompts.append(req.prompt_token_ids)
-                outputs.append(req.output_token_ids + entry.draft_token_ids[:j])
+                outputs.append(req.output_token_ids + entry.draft_token_ids[:j] if j
+                               else req.output_token_ids)  # no copy on the usual row
                 owners.append(req.request_id)
         if not owners:
             return {}
