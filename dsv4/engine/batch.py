@@ -7,7 +7,7 @@ Prefill chunks and decodes are mixed freely; a decode is simply a chunk of one t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -42,6 +42,9 @@ class RaggedBatch:
     logits_indices: torch.Tensor  # [S] int64
     scheduled: list[ScheduledRequest]
     num_closing: dict[int, int]  # ratio -> tokens that close an entry (a host int: no sync)
+    # Index tensors derived from the fields above, computed by the first layer that needs them
+    # and reused by the others (see `per_step`); never moved by `to`.
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -51,9 +54,19 @@ class RaggedBatch:
     def sampling_requests(self) -> list[ScheduledRequest]:
         return [s for s in self.scheduled if s.samples]
 
+    def per_step(self, key: tuple, make):
+        """make() computed once for this batch: the index math (rows, masks, positions) that
+        depends only on the batch, which every layer of a step would otherwise redo. `key`
+        names what make() computes and every argument it depends on besides the batch."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
     def to(self, device: torch.device | str) -> RaggedBatch:
         moved = {}
         for f in fields(self):
+            if f.name == "memo":
+                continue
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
                 v = v.to(device, non_blocking=True)

@@ -146,10 +146,12 @@ class V4ModelRunner(ModelRunner):
         pos = batch.positions
         xf = x[0].float()
         kv = xf @ comp.wkv.weight.float().T  # [T, (1 + overlap) * dim]
-        score = xf @ comp.wgate.weight.float().T + comp.ape.float()[pos % ratio]
+        in_window = batch.per_step(("in_window", ratio), lambda: pos % ratio)
+        score = xf @ comp.wgate.weight.float().T + comp.ape.float()[in_window]
         closing = batch.num_closing[ratio] > 0
-        if closing:
-            idx = (batch.compressed_slot_mapping[ratio] >= 0).nonzero().squeeze(1)
+        if closing:  # the same idx object in every layer, so ring_context reuses its rows
+            idx = batch.per_step(("closing", ratio), lambda: (
+                batch.compressed_slot_mapping[ratio] >= 0).nonzero().squeeze(1))
             rows_kv, ok = ring_context(self.pools[f"{state}_kv"], kv, batch, idx)  # [E, R, C]
             rows_score, _ = ring_context(self.pools[f"{state}_score"], score, batch, idx)
         write_ring(self.pools[f"{state}_kv"], kv, batch)
@@ -162,7 +164,9 @@ class V4ModelRunner(ModelRunner):
                                    dim=1)
         rows_score = rows_score.masked_fill(~ok[..., None], float("-inf"))
         pooled = comp.norm((rows_kv * rows_score.softmax(dim=1)).sum(dim=1))  # [E, dim]
-        cos, sin = rope_cos_sin(pos[idx] - ratio + 1, inv_freq)  # each window's first position
+        cos, sin = batch.per_step(  # each closing window's first position
+            ("window_rope", ratio, id(inv_freq)),
+            lambda: rope_cos_sin(pos[idx] - ratio + 1, inv_freq))
         pooled = quantize(apply_rope(pooled, cos, sin))
         fp8 = self.fp8 and pool.endswith("compressed_kv")
         write_compressed(self.pools[pool], batch.compressed_slot_mapping[ratio], pooled, fp8=fp8)
@@ -172,10 +176,11 @@ class V4ModelRunner(ModelRunner):
         m, T = self.model, batch.num_tokens
         H, hd, ratio = attn.n_heads, attn.head_dim, attn.ratio
         inv_freq = m._inv_freq(ratio)
-        cos, sin = rope_cos_sin(batch.positions, inv_freq)  # [T, rd/2]
+        cos, sin, head_cos, head_sin = batch.per_step(("rope", ratio), lambda: _rope(
+            batch.positions, inv_freq))  # [T, rd/2], then [T, 1, rd/2] for heads
         qr = attn.q_norm(attn.wq_a(x))  # [1, T, q_lora]
         q = rms_normalize(attn.wq_b(qr).view(T, H, hd), attn.eps).to(x.dtype)
-        q = apply_rope(q, cos[:, None], sin[:, None])  # [T, H, hd]
+        q = apply_rope(q, head_cos, head_sin)  # [T, H, hd]
         kv = apply_rope(attn.kv_norm(attn.wkv(x))[0], cos, sin)  # [T, hd]
         keep_kv = (lambda t: quantize_kv_nope(t, attn.rope_dim)) if m.kv_fp8 else (lambda t: t)
         kv = keep_kv(kv)
@@ -196,7 +201,7 @@ class V4ModelRunner(ModelRunner):
                 if entries.shape[1]:
                     ikeys, _ = gather_compressed(self.pools[f"{name}.index_keys"], batch, 4, bs)
                     qi = idx.wq_b(qr).view(T, idx.n_heads, idx.head_dim).float()
-                    qi = to_key(apply_rope(qi, cos[:, None], sin[:, None]))
+                    qi = to_key(apply_rope(qi, head_cos, head_sin))
                     scores = torch.relu_(torch.einsum("thd,ted->the", qi,
                                                       ikeys.float()[batch.seq_index]))
                     w = idx.weights_proj(x)[0].float() * (idx.head_dim**-0.5 * idx.n_heads**-0.5)
@@ -213,11 +218,16 @@ class V4ModelRunner(ModelRunner):
             o = sparse_attention(q[b.token_index], groups, attn.attn_sink, attn.scale)
             out[b.tokens] = o.flatten(0, 1)[b.slot]
         write_ring(window, kv, batch, fp8=self.fp8)
-        out = apply_rope(out, cos[:, None], -sin[:, None])  # undo the query rotation
+        out = apply_rope(out, head_cos, -head_sin)  # undo the query rotation
         g = m.args.o_groups
         wo_a = attn.wo_a.weight.view(g, m.args.o_lora_rank, -1)
         out = torch.einsum("tgd,grd->tgr", out.reshape(T, g, -1), wo_a).flatten(1)
         return attn.wo_b(out)[None]  # [1, T, D]
+
+
+def _rope(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    cos, sin = rope_cos_sin(positions, inv_freq)
+    return cos, sin, cos[:, None], sin[:, None]
 
 
 def _check_mtp(model: Transformer, num_drafts: int) -> None:

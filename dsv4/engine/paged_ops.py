@@ -42,51 +42,63 @@ def ring_context(
     """The R positions ending at each selected token, oldest first, from ring or fresh rows.
 
     ring: [num_slots, R, C] (or [.., 584] uint8 if fp8); fresh: [T, C], this step's rows in
-    batch order; token_idx: [N] indices into the T tokens (default: all).
+    batch order; token_idx: [N] indices into the T tokens (default: all). The row indices are
+    computed once per batch, ring shape and token_idx object (pass the same one to reuse them).
     Returns values [N, R, C] (fresh's dtype) and valid [N, R] (False for positions < 0,
     whose values are finite but meaningless).
     """
-    if token_idx is None:
-        token_idx = torch.arange(batch.num_tokens, device=fresh.device)
-    vals, ctx_pos = context_rows(ring, fresh, batch, batch.seq_index[token_idx],
-                                 batch.positions[token_idx], ring.shape[1], fp8)
-    return vals, ctx_pos >= 0
+    def make():
+        tokens = torch.arange(batch.num_tokens, device=fresh.device) if token_idx is None \
+            else token_idx
+        index = _context_index(batch, batch.seq_index[tokens], batch.positions[tokens],
+                               ring.shape[1], ring.shape[:2], fresh.shape[0])
+        return token_idx, index, index.positions >= 0  # token_idx kept alive: its id is the key
+
+    key = ("ring_context", None if token_idx is None else id(token_idx), ring.shape[:2],
+           fresh.shape[0])
+    _, index, valid = batch.per_step(key, make)
+    return _read_context(ring, fresh, index, fp8), valid
 
 
-def context_rows(
-    ring: torch.Tensor,
-    fresh: torch.Tensor,
-    batch: RaggedBatch,
-    seq: torch.Tensor,
-    last_pos: torch.Tensor,
-    num_rows: int,
-    fp8: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of positions last_pos - num_rows + 1 .. last_pos of request `seq`, each from the
-    ring (positions before this step) or from fresh (this step's rows).
+@dataclass
+class _ContextIndex:
+    """Where each of N x num_rows context rows comes from (see `_context_index`)."""
 
-    seq, last_pos: [N]. Returns values [N, num_rows, C] and their positions [N, num_rows];
-    rows of positions < 0 or past the request's tokens in this step hold finite junk that
-    callers mask by position."""
-    ring_size = ring.shape[1]
-    offsets = torch.arange(num_rows, device=fresh.device) - (num_rows - 1)
+    positions: torch.Tensor  # [N, num_rows]
+    from_ring: torch.Tensor  # [N, num_rows] bool
+    ring_rows: torch.Tensor  # [N, num_rows] rows of the flattened ring
+    fresh_rows: torch.Tensor  # [N, num_rows] rows of this step's fresh tensor
+    joint_rows: torch.Tensor  # [N, num_rows] rows of cat([flattened ring, fresh])
+
+
+def _context_index(batch: RaggedBatch, seq: torch.Tensor, last_pos: torch.Tensor,
+                   num_rows: int, ring_shape: tuple[int, int], num_fresh: int) -> _ContextIndex:
+    """Rows of positions last_pos - num_rows + 1 .. last_pos of request `seq` ([N] each), each
+    from the ring (positions before this step) or from fresh (this step's rows); rows of
+    positions < 0 or past the request's tokens in this step hold finite junk that callers mask
+    by position."""
+    num_slots, ring_size = ring_shape
+    offsets = torch.arange(num_rows, device=seq.device) - (num_rows - 1)
     ctx_pos = last_pos[:, None] + offsets[None, :]  # [N, num_rows]
     start = batch.start_pos[seq][:, None]  # [N, 1]
     from_ring = ctx_pos < start
     ring_rows = batch.state_slots[seq][:, None] * ring_size + ctx_pos % ring_size
     fresh_rows = (batch.query_start_loc[seq][:, None] + ctx_pos - start).clamp(
-        0, max(fresh.shape[0] - 1, 0)
+        0, max(num_fresh - 1, 0)
     )
+    joint_rows = torch.where(from_ring, ring_rows, num_slots * ring_size + fresh_rows)
+    return _ContextIndex(ctx_pos, from_ring, ring_rows, fresh_rows, joint_rows)
+
+
+def _read_context(ring: torch.Tensor, fresh: torch.Tensor, index: _ContextIndex,
+                  fp8: bool) -> torch.Tensor:
     ring_flat = ring.reshape(-1, *ring.shape[2:])
-    if fp8 or ring_rows.numel() < ring_flat.shape[0]:
+    if fp8 or index.ring_rows.numel() < ring_flat.shape[0]:
         # few rows read (decode) or packed FP8: gather (and unpack) just those rows
-        ring_vals = _rows_out(ring_flat[ring_rows], fp8).to(fresh.dtype)
-        vals = torch.where(from_ring[..., None], ring_vals, fresh[fresh_rows])
-    else:  # many rows read (prefill): one gather from [ring rows; fresh rows] is cheaper
-        source = torch.cat([ring_flat.to(fresh.dtype), fresh], dim=0)
-        rows = torch.where(from_ring, ring_rows, ring_flat.shape[0] + fresh_rows)
-        vals = source[rows]
-    return vals, ctx_pos
+        ring_vals = _rows_out(ring_flat[index.ring_rows], fp8).to(fresh.dtype)
+        return torch.where(index.from_ring[..., None], ring_vals, fresh[index.fresh_rows])
+    # many rows read (prefill): one gather from [ring rows; fresh rows] is cheaper
+    return torch.cat([ring_flat.to(fresh.dtype), fresh], dim=0)[index.joint_rows]
 
 
 @dataclass
@@ -132,23 +144,37 @@ def window_band(ring: torch.Tensor, fresh: torch.Tensor, batch: RaggedBatch,
     """Each block's window keys: values [NB, K, C] with K = size + W - 1 and valid
     [NB, size, K] (key within the W positions ending at the query)."""
     window = ring.shape[1]
-    vals, key_pos = context_rows(ring, fresh, batch, blocks.seq, blocks.positions[:, -1],
-                                 blocks.size + window - 1, fp8)
-    q = blocks.positions[:, :, None]
-    k = key_pos[:, None, :]
-    return vals, (k <= q) & (k > q - window) & (k >= 0)
+
+    def make():
+        index = _context_index(batch, blocks.seq, blocks.positions[:, -1],
+                               blocks.size + window - 1, ring.shape[:2], fresh.shape[0])
+        q = blocks.positions[:, :, None]
+        k = index.positions[:, None, :]
+        return blocks, index, (k <= q) & (k > q - window) & (k >= 0)  # blocks kept alive
+
+    key = ("window_band", id(blocks), ring.shape[:2], fresh.shape[0])
+    _, index, valid = batch.per_step(key, make)
+    return _read_context(ring, fresh, index, fp8), valid
 
 
 def write_ring(ring: torch.Tensor, fresh: torch.Tensor, batch: RaggedBatch, fp8: bool = False):
     """Store this step's rows in the ring: only each request's last R tokens, so no row is
     written twice (the order of duplicate writes in an index_put is undefined)."""
-    num_ring_rows = ring.shape[1]
-    keep = batch.positions >= batch.seq_lens[batch.seq_index] - num_ring_rows  # [T]
-    rows = batch.state_slots[batch.seq_index] * num_ring_rows + batch.positions % num_ring_rows
-    values = fresh[keep]
+    def make():
+        num_ring_rows = ring.shape[1]
+        keep = batch.positions >= batch.seq_lens[batch.seq_index] - num_ring_rows  # [T]
+        rows = batch.state_slots[batch.seq_index] * num_ring_rows + \
+            batch.positions % num_ring_rows
+        if bool(keep.all()):  # decodes and short chunks: every row is written
+            return None, rows
+        kept = keep.nonzero().squeeze(1)
+        return kept, rows[kept]
+
+    kept, rows = batch.per_step(("write_ring", ring.shape[1]), make)
+    values = fresh if kept is None else fresh[kept]
     if fp8:
         values = pack_kv_fp8(values)
-    ring.view(-1, *ring.shape[2:])[rows[keep]] = values.to(ring.dtype)
+    ring.view(-1, *ring.shape[2:])[rows] = values.to(ring.dtype)
 
 
 def write_compressed(
@@ -174,20 +200,25 @@ def gather_compressed(
     pool: [num_blocks, block_size // ratio, C]. Returns entries [B, E, C] with
     E = max over requests of seq_lens // ratio, and valid [B, E].
     """
-    per_block = block_size // ratio
-    num_entries = batch.seq_lens // ratio  # [B]
-    width = int(num_entries.max()) if num_entries.numel() else 0
-    w = torch.arange(width, device=pool.device)[None, :]  # [1, E]
-    valid = w < num_entries[:, None]  # [B, E]
-    col = ((w * ratio) // block_size).clamp(max=batch.block_tables.shape[1] - 1)
-    block = batch.block_tables.gather(1, col.expand(len(num_entries), -1))  # [B, E]
-    rows = (block * per_block + w % per_block).masked_fill(~valid, 0)
-    flat = pool.reshape(-1, *pool.shape[2:])
-    vals = _rows_out(flat[rows], fp8)
+    def make():
+        per_block = block_size // ratio
+        num_entries = batch.seq_lens // ratio  # [B]
+        width = int(num_entries.max()) if num_entries.numel() else 0
+        w = torch.arange(width, device=pool.device)[None, :]  # [1, E]
+        valid = w < num_entries[:, None]  # [B, E]
+        col = ((w * ratio) // block_size).clamp(max=batch.block_tables.shape[1] - 1)
+        block = batch.block_tables.gather(1, col.expand(len(num_entries), -1))  # [B, E]
+        return (block * per_block + w % per_block).masked_fill(~valid, 0), valid
+
+    rows, valid = batch.per_step(("gather_compressed", ratio, block_size), make)
+    vals = _rows_out(pool.reshape(-1, *pool.shape[2:])[rows], fp8)
     return vals.masked_fill(~valid[..., None], 0), valid
 
 
 def compressed_visibility(batch: RaggedBatch, ratio: int, num_entries: int) -> torch.Tensor:
     """[T, E] bool: token at position t may see compressed entry w iff w < (t + 1) // ratio."""
-    w = torch.arange(num_entries, device=batch.positions.device)[None, :]
-    return w < ((batch.positions + 1) // ratio)[:, None]
+    def make():
+        w = torch.arange(num_entries, device=batch.positions.device)[None, :]
+        return w < ((batch.positions + 1) // ratio)[:, None]
+
+    return batch.per_step(("compressed_visibility", ratio, num_entries), make)
