@@ -7,6 +7,8 @@ towards doubly-stochastic by Sinkhorn normalisation. All weights depend on the t
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -43,6 +45,14 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return comb
 
 
+@functools.lru_cache(maxsize=None)
+def _scale_columns(n: int, device: torch.device) -> torch.Tensor:
+    """Which of the three scales each of the 2n + n^2 mix columns takes. Made outside
+    inference mode, so that training may use it after an inference call cached it."""
+    with torch.inference_mode(False):
+        return torch.tensor([0] * n + [1] * n + [2] * n * n, device=device)
+
+
 def hc_pre(
     x: torch.Tensor,
     fn: torch.Tensor,
@@ -55,10 +65,11 @@ def hc_pre(
     """-> (sub-block input [B, S, D], post [B, S, n], comb [B, S, n, n])."""
     n = x.shape[2]
     mixes = hc_mixes(x, fn, norm_eps)
-    base, scale = base.float(), scale.float()
-    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps
-    post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
-    logits = mixes[..., 2 * n :].unflatten(-1, (n, n)) * scale[2] + base[2 * n :].view(n, n)
+    # pre, post and comb logits scaled by scale[0], [1], [2] in one op, then cut apart
+    z = mixes * scale.float()[_scale_columns(n, mixes.device)] + base.float()
+    gates = torch.sigmoid(z[..., : 2 * n])
+    pre, post = gates[..., :n] + hc_eps, 2 * gates[..., n:]
+    logits = z[..., 2 * n :].unflatten(-1, (n, n))
     comb = sinkhorn(torch.softmax(logits, dim=-1) + hc_eps, sinkhorn_iters, hc_eps)
     y = (pre[..., None] * x.float()).sum(dim=2)
     return y.to(x.dtype), post, comb
