@@ -105,7 +105,7 @@ def test_fp4_roundtrip_uses_e2m1_grid():
 def test_hadamard_is_orthonormal_and_matches_matrix():
     n = 16
     h = torch.tensor([[1.0]])
-    while h.shape[0] < n:  # Sylvester construction, independent of the butterfly
+    while h.shape[0] < n:  # Sylvester construction, written out here
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     x = torch.randn(3, n)
     assert torch.allclose(act.hadamard_rotate(x), x @ h.T / n**0.5, atol=1e-6)
@@ -113,6 +113,23 @@ def test_hadamard_is_orthonormal_and_matches_matrix():
     assert torch.allclose(act.hadamard_rotate(q) @ act.hadamard_rotate(k), q @ k, atol=1e-5)
     with pytest.raises(ValueError, match="power-of-two"):
         act.hadamard_rotate(torch.randn(12))
+
+
+def test_constants_cached_in_inference_mode_still_serve_training():
+    """The Hadamard matrix, e2m1 table and mHC scale columns are cached on first use; an
+    engine run (inference mode) must not leave autograd-unusable tensors for a later train."""
+    from dsv4.model.hyper import hc_pre
+
+    def mhc_and_indexer_quant(x, scale):
+        h, post, comb = hc_pre(x, torch.randn(24, 4 * 64), torch.zeros(24), scale, 3, 1e-6, 1e-6)
+        return act.fp4_roundtrip(act.hadamard_rotate(h)).sum() + post.sum() + comb.sum()
+
+    with torch.inference_mode():
+        mhc_and_indexer_quant(torch.randn(1, 2, 4, 64), torch.ones(3))
+    x = torch.randn(1, 2, 4, 64, requires_grad=True)
+    scale = torch.ones(3, requires_grad=True)
+    mhc_and_indexer_quant(x, scale).backward()
+    assert x.grad is not None and scale.grad is not None
 
 
 def test_kv_fp8_entry_is_584_bytes_and_equals_the_qat_numerics():

@@ -7,6 +7,8 @@ microscaling spec: magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dsv4.quant.scales import FP4_E2M1_MAX, pow2_scale, to_e8m0
@@ -16,19 +18,26 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def e2m1_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 [16]: the value of each 4-bit code."""
-    mags = torch.tensor(E2M1_VALUES, device=device)
-    return torch.cat([mags, -mags])
+    """float32 [16]: the value of each 4-bit code (one shared tensor per device: read only)."""
+    return _constants(torch.device(device))[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(magnitudes [8], code values [16], tie rank [8]: even mantissas outrank odd ones),
+    made outside inference mode so that autograd may use them whoever cached them first."""
+    with torch.inference_mode(False):
+        mags = torch.tensor(E2M1_VALUES, device=device)
+        return mags, torch.cat([mags, -mags]), 2 - torch.arange(8, device=device) % 2
 
 
 def encode_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Round values (already scaled into [-6, 6]) to the nearest e2m1 code, saturating at 6;
     a tie goes to the code with an even mantissa bit, as IEEE round-to-nearest-even does.
     Returns uint8 codes in [0, 16)."""
-    mags = torch.tensor(E2M1_VALUES, device=x.device)
+    mags, _, even_mantissa = _constants(x.device)
     distance = (x.float().abs().clamp(max=FP4_E2M1_MAX)[..., None] - mags).abs()  # [..., 8]
     nearest = distance == distance.min(dim=-1, keepdim=True).values
-    even_mantissa = 2 - torch.arange(8, device=x.device) % 2  # even codes outrank odd ones
     code = torch.argmax(nearest * even_mantissa, dim=-1)
     negative = (x < 0) & (code > 0)
     return (code + 8 * negative).to(torch.uint8)
