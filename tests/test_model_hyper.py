@@ -26,3 +26,24 @@ def test_sinkhorn_keeps_gradients_for_training():
     comb = (torch.rand(1, 3, 4, 4) + 0.1).requires_grad_()
     sinkhorn(comb, 5, 1e-6)[..., 0, 0].sum().backward()
     assert comb.grad is not None and comb.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tokens", [1, 17, 300])
+def test_hc_pre_gives_the_bits_of_the_per_gate_formula(tokens):
+    """hc_pre scales all mixes in one op; pre, post and comb must keep the bits of scaling
+    each gate's slice on its own (a sigmoid over a strided slice rounds differently on CPU)."""
+    from dsv4.model.hyper import hc_mixes, hc_pre
+
+    g = torch.Generator().manual_seed(tokens)
+    n = 4
+    x = torch.randn(1, tokens, n, 64, generator=g)
+    fn, base = torch.randn(24, 256, generator=g) * 0.1, torch.randn(24, generator=g)
+    scale = torch.rand(3, generator=g) + 0.5
+    mixes = hc_mixes(x, fn, 1e-6)
+    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + 1e-6
+    post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+    logits = mixes[..., 2 * n :].unflatten(-1, (n, n)) * scale[2] + base[2 * n :].view(n, n)
+    comb = sinkhorn(torch.softmax(logits, dim=-1) + 1e-6, 20, 1e-6)
+    y = (pre[..., None] * x).sum(dim=2)
+    for got, want in zip(hc_pre(x, fn, base, scale, 20, 1e-6, 1e-6), (y, post, comb)):
+        assert torch.equal(got, want)

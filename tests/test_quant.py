@@ -113,11 +113,14 @@ def test_hadamard_is_orthonormal_and_matches_matrix():
     assert torch.allclose(act.hadamard_rotate(q) @ act.hadamard_rotate(k), q @ k, atol=1e-5)
     with pytest.raises(ValueError, match="power-of-two"):
         act.hadamard_rotate(torch.randn(12))
+    # a row's rotation does not depend on the rows rotated with it (V4's indexer: n = 128)
+    rows = torch.randn(300, 128)
+    assert torch.equal(act.hadamard_rotate(rows)[:7], act.hadamard_rotate(rows[:7]))
 
 
 def test_constants_cached_in_inference_mode_still_serve_training():
-    """The Hadamard matrix, e2m1 table and mHC scale columns are cached on first use; an
-    engine run (inference mode) must not leave autograd-unusable tensors for a later train."""
+    """The e2m1 tables and mHC scale columns are cached on first use; an engine run
+    (inference mode) must not leave autograd-unusable tensors for a later training run."""
     from dsv4.model.hyper import hc_pre
 
     def mhc_and_indexer_quant(x, scale):

@@ -44,7 +44,7 @@ class RaggedBatch:
     num_closing: dict[int, int]  # ratio -> tokens that close an entry (a host int: no sync)
     # Index tensors derived from the fields above, computed by the first layer that needs them
     # and reused by the others (see `per_step`); never moved by `to`.
-    memo: dict = field(default_factory=dict, repr=False, compare=False)
+    memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:

@@ -65,10 +65,11 @@ def hc_pre(
     """-> (sub-block input [B, S, D], post [B, S, n], comb [B, S, n, n])."""
     n = x.shape[2]
     mixes = hc_mixes(x, fn, norm_eps)
-    # pre, post and comb logits scaled by scale[0], [1], [2] in one op, then cut apart
+    # pre, post and comb logits scaled by scale[0], [1], [2] in one op, then cut apart; each
+    # sigmoid runs on a contiguous copy, as torch's CPU kernel rounds strided input differently
     z = mixes * scale.float()[_scale_columns(n, mixes.device)] + base.float()
-    gates = torch.sigmoid(z[..., : 2 * n])
-    pre, post = gates[..., :n] + hc_eps, 2 * gates[..., n:]
+    pre = torch.sigmoid(z[..., :n].contiguous()) + hc_eps
+    post = 2 * torch.sigmoid(z[..., n : 2 * n].contiguous())
     logits = z[..., 2 * n :].unflatten(-1, (n, n))
     comb = sinkhorn(torch.softmax(logits, dim=-1) + hc_eps, sinkhorn_iters, hc_eps)
     y = (pre[..., None] * x.float()).sum(dim=2)

@@ -7,8 +7,6 @@ simulated as quantise-then-dequantise so that any platform reproduces the same n
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from dsv4.quant.fp4 import e2m1_table, encode_e2m1
@@ -45,21 +43,17 @@ def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
 
     Rotating before FP4 spreads outlier channels over all channels, so one large value no
     longer forces a coarse scale on its whole block; q.k is unchanged since H is orthogonal.
-    One product with the n x n matrix: at the indexer's n = 64 that is a few ops where the
-    log2(n) butterfly stages were dozens (this runs in every indexer layer of every step).
+    A butterfly of log2(n) stages, each one add or subtract per element: a row's result does
+    not depend on the other rows (a matrix product's rounding can, with the number of rows,
+    and FP4 codes near a boundary would then flip between a chunked and a whole prefill).
     """
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"Hadamard rotation needs a power-of-two dim, got {n}")
-    return (x.float() @ _hadamard_matrix(n, x.device)).to(x.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _hadamard_matrix(n: int, device: torch.device) -> torch.Tensor:
-    """Sylvester's construction H_2n = [[H, H], [H, -H]], scaled by 1 / sqrt(n); symmetric.
-    Made outside inference mode, so that training may use it after an inference call."""
-    with torch.inference_mode(False):
-        h = torch.ones(1, 1, dtype=torch.float64)
-        while h.shape[0] < n:
-            h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
-        return (h * n**-0.5).float().to(device)
+    y = x.float()
+    h = 1
+    while h < n:  # butterfly: pairs (i, i + h) within blocks of 2h
+        a, b = y.reshape(*x.shape[:-1], n // (2 * h), 2, h).unbind(-2)
+        y = torch.stack([a + b, a - b], dim=-2)
+        h *= 2
+    return (y.reshape(x.shape) * n**-0.5).to(x.dtype)
