@@ -164,9 +164,8 @@ class V4ModelRunner(ModelRunner):
                                    dim=1)
         rows_score = rows_score.masked_fill(~ok[..., None], float("-inf"))
         pooled = comp.norm((rows_kv * rows_score.softmax(dim=1)).sum(dim=1))  # [E, dim]
-        cos, sin = batch.per_step(  # each closing window's first position
-            ("window_rope", ratio, id(inv_freq)),
-            lambda: rope_cos_sin(pos[idx] - ratio + 1, inv_freq))
+        cos, sin = batch.per_step(("window_rope", ratio),  # each closing window's first position
+                                  lambda: rope_cos_sin(pos[idx] - ratio + 1, inv_freq))
         pooled = quantize(apply_rope(pooled, cos, sin))
         fp8 = self.fp8 and pool.endswith("compressed_kv")
         write_compressed(self.pools[pool], batch.compressed_slot_mapping[ratio], pooled, fp8=fp8)
