@@ -106,7 +106,9 @@ def test_duration_mode_stops_sending():
     res = asyncio.run(run_load([SampleRequest("p", 4)], srv.send,
                                LoadShape(concurrency=2, duration_s=0.2)))
     assert 12 <= len(res.records) <= 45  # 2 in flight, 10 ms each, for 0.2 s
-    assert max(r.send_time_s for r in res.records) < 0.2
+    # the send stamp trails the loop's deadline check by the event loop's delay (microseconds
+    # here); a request dispatched after the deadline would start at the next free slot, 10 ms on
+    assert max(r.send_time_s for r in res.records) < 0.2 + 0.005
     assert srv.peak == 2
 
 
