@@ -101,13 +101,18 @@ def bundled():
     SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=33, logprobs=2,
                    presence_penalty=0.5, repetition_penalty=1.1, min_tokens=5),
     SamplingParams(temperature=0, max_tokens=60, stop=[" = "], stop_token_ids=[5]),
-], ids=["greedy", "seeded-penalised", "stops"])
+    # kept stop strings end the request at the token that completes them, even when the step
+    # that yields it yields one more (the server ends a forced tool call this way)
+    SamplingParams(temperature=0, max_tokens=60, stop_after=[" + ", ",", "</think>"]),
+], ids=["greedy", "seeded-penalised", "stops", "kept-stops"])
 def test_speculative_decoding_changes_no_output(bundled, params):
     _, plain = bundled(params)
     llm, spec = bundled(params, num_speculative_tokens=1)
     for a, b in zip(plain, spec):
         assert (b.token_ids, b.text, b.finish_reason, b.stop_reason) == \
             (a.token_ids, a.text, a.finish_reason, a.stop_reason)
+        if a.stop_reason in params.stop_after:
+            assert a.text.endswith(a.stop_reason)
         if params.logprobs:
             assert [t.token_id for t in b.logprobs] == [t.token_id for t in a.logprobs]
             assert [t.logprob for t in b.logprobs] == \

@@ -297,7 +297,7 @@ def test_anthropic_streamed_tool_round_trip(server):
         message = stream.get_final_message()
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert "content_block_start" in kinds and "message_delta" in kinds
-    assert message.stop_reason == "tool_use"
+    assert message.stop_reason == "tool_use" and message.stop_sequence is None
     [use] = [b for b in message.content if b.type == "tool_use"]
     assert use.name == "get_weather" and isinstance(use.input, dict)
     assert use.id.startswith("toolu_")
@@ -545,9 +545,15 @@ def test_mtp_speculative_server_streams_what_the_plain_server_does(server, clien
                                     timeout=60)
         asks = [dict(messages=[{"role": "user", "content": "What is 47 + 38?"}],
                      extra_body={"thinking": {"type": "enabled"}}),
-                dict(messages=WEATHER, tools=TOOLS)]
+                dict(messages=WEATHER, tools=TOOLS),
+                # a forced call ends at its last token, even inside a two-token step (with
+                # "New York" the call's closing tag ends a step's first token)
+                dict(messages=[{"role": "user", "content": "What is the weather in New York?"}],
+                     tools=TOOLS,
+                     tool_choice={"type": "function", "function": {"name": "get_weather"}})]
         for ask in asks:
-            kwargs = dict(model=MODEL, max_tokens=48, temperature=0, logprobs=True, **ask)
+            kwargs = dict(model=MODEL, max_tokens=48, temperature=0, logprobs=True,
+                          stream_options={"include_usage": True}, **ask)
             assert _stream_chat(spec_client, **kwargs) == _stream_chat(client, **kwargs)
         m = spec.metrics()
         drafts = m["dsv4_spec_decode_num_draft_tokens_total"]

@@ -67,17 +67,20 @@ class IncrementalDetokenizer:
         self.output_text += new_text
         return new_text
 
-    def find_stop(self, stop: list[str], include_stop_str: bool) -> str | None:
-        """Search the text added since the last call (plus overlap) for a stop string.
+    def find_stop(self, stop: list[str], include_stop_str: bool,
+                  kept: list[str] = ()) -> str | None:
+        """Search the text added since the last call (plus overlap) for a stop string, one of
+        `stop` or of `kept`.
 
-        On a hit, cut `output_text` at the stop string (keeping it if `include_stop_str`)
-        and return the string. The overlap of len(longest stop) - 1 characters catches stop
-        strings split across tokens.
+        On a hit, cut `output_text` at the stop string (keeping it if `include_stop_str` or it
+        is one of `kept`) and return the string. The overlap of len(longest stop) - 1
+        characters catches stop strings split across tokens.
         """
-        longest = max((len(s) for s in stop), default=0)
+        strings = [*stop, *kept]
+        longest = max((len(s) for s in strings), default=0)
         start = max(self._stop_floor, self._checked_len - longest + 1)
         best: tuple[int, str] | None = None
-        for s in stop:
+        for s in strings:
             i = self.output_text.find(s, start)
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
@@ -85,7 +88,8 @@ class IncrementalDetokenizer:
         if best is None:
             return None
         i, s = best
-        self.output_text = self.output_text[: i + len(s) if include_stop_str else i]
+        keep = include_stop_str or s in kept
+        self.output_text = self.output_text[: i + len(s) if keep else i]
         return s
 
     def skip_stop_check(self) -> None:

@@ -92,7 +92,7 @@ class LLMEngine:
         request_id: str | None,
     ) -> str:
         params = params or SamplingParams()
-        if params.stop and self.tokenizer is None:
+        if params.stop_strings and self.tokenizer is None:
             raise ValueError(
                 "SamplingParams.stop needs text, but this engine has no tokenizer; use "
                 "stop_token_ids or create the engine with a tokenizer."
@@ -324,7 +324,8 @@ def _completion(req: Request, index: int) -> CompletionOutput:
     text = req.text
     if req.detokenizer is not None and not req.is_finished:
         # Hold back a tail that could still turn out to be the start of a stop string.
-        text = text[: req.detokenizer.safe_text_len(req.sampling_params.stop, finished=False)]
+        text = text[: req.detokenizer.safe_text_len(req.sampling_params.stop_strings,
+                                                      finished=False)]
     want_logprobs = req.sampling_params.logprobs is not None
     return CompletionOutput(
         index=index,

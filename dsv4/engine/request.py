@@ -120,12 +120,13 @@ class Request:
             if last in params.stop_token_ids:
                 self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, last
                 return True
-            if params.stop and self.detokenizer is not None:
-                hit = self.detokenizer.find_stop(params.stop, params.include_stop_str_in_output)
+            if params.stop_strings and self.detokenizer is not None:
+                hit = self.detokenizer.find_stop(params.stop, params.include_stop_str_in_output,
+                                                 kept=params.stop_after)
                 if hit is not None:
                     self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, hit
                     return True
-        elif params.stop and self.detokenizer is not None:
+        elif params.stop_strings and self.detokenizer is not None:
             self.detokenizer.skip_stop_check()
         if (params.max_tokens is not None and self.num_output_tokens >= params.max_tokens) or (
             self.num_tokens >= max_model_len

@@ -34,6 +34,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
+    stop_after: list[str] = field(default_factory=list)  # strings that end the request and stay
+    # in its text whatever include_stop_str_in_output says (the server ends a forced tool call
+    # at its closing tag this way: exact in tokens even when a step yields several)
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -42,6 +45,7 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
+        self.stop_after = list(self.stop_after)
         self.stop_token_ids = list(self.stop_token_ids)
         if self.top_k == -1:
             self.top_k = 0
@@ -101,6 +105,8 @@ class SamplingParams:
             f"must be None or in [0, {MAX_LOGPROBS}]",
         )
         _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
+        _check(all(s for s in self.stop_after), "stop_after", self.stop_after,
+               "must not contain empty strings")
         _check(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids",
@@ -119,8 +125,9 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
-    def max_stop_str_len(self) -> int:
-        return max((len(s) for s in self.stop), default=0)
+    def stop_strings(self) -> list[str]:
+        """Every string that ends the request: `stop` and `stop_after`."""
+        return self.stop + self.stop_after
 
     def for_child(self, index: int) -> SamplingParams:
         """Parameters of the index-th of n parallel samples: n=1 and a distinct seed.

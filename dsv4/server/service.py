@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dsv4.chat import (
@@ -29,7 +29,7 @@ from dsv4.chat import (
     ToolCallStart,
     encode_messages,
 )
-from dsv4.chat.tokens import BOS, DSML, THINK_END, TOOL_CALLS_START
+from dsv4.chat.tokens import BOS, DSML, INVOKE_END, THINK_END, TOOL_CALLS_START
 from dsv4.engine.request import CompletionOutput, TokenLogprobs
 from dsv4.engine.sampling_params import SamplingParams
 from dsv4.server.engine_loop import AsyncEngine, EngineStoppedError, QueueFullError, RequestStream
@@ -231,6 +231,11 @@ class Service:
         prompt, prefill = self.render_chat(messages, tools, tool_choice, thinking_mode, effort)
         text = prompt + prefill
         names = {t["function"]["name"] for t in tools or []}
+        # a named function (or the only tool, required) is called exactly once: the engine
+        # ends the answer at the call's closing tag
+        forced_call = f'<{DSML}invoke name="' in prefill
+        if forced_call:
+            params = replace(params, stop_after=[*params.stop_after, INVOKE_END])
         return Plan(
             prompt_ids=self.tokenizer.encode(text),
             params=params,
@@ -239,8 +244,7 @@ class Service:
             tool_names=names if tool_choice.mode != "none" else set(),
             call_id_prefix=call_id_prefix,
             prompt_text=text,
-            # a named function (or the only tool, required) is called exactly once
-            stop_after_tool_call=f'<{DSML}invoke name="' in prefill,
+            stop_after_tool_call=forced_call,
         )
 
     def encode_text_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -350,7 +354,7 @@ class _Choice:
             if reason == "stop" and self.has_tool_calls:
                 reason = "tool_calls"
             update.finish_reason = self.finish_reason = reason
-            if isinstance(comp.stop_reason, str):
+            if comp.stop_reason in self.plan.params.stop:  # the client's, not the call's end
                 update.stop_sequence = comp.stop_reason
         if not (update.events or update.logprobs or update.num_new_tokens or self.finished):
             return None
