@@ -12,6 +12,7 @@ without the new ones, and emits the difference; while the tail is an incomplete 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 # Prompt tokens used as left context so the first output token decodes as it would mid-text.
@@ -68,7 +69,7 @@ class IncrementalDetokenizer:
         return new_text
 
     def find_stop(self, stop: list[str], include_stop_str: bool,
-                  kept: list[str] = ()) -> str | None:
+                  kept: Sequence[str] = ()) -> str | None:
         """Search the text added since the last call (plus overlap) for a stop string, one of
         `stop` or of `kept`.
 
