@@ -78,36 +78,3 @@ def test_time_limit_ends_the_schedule():
                                       vocab_size=1200, time_limit=2.0), progress=False)
     assert 1 <= len(result["history"]) < 10**6
     assert result["seconds"] < 2.0 + 5.0  # the step running at the limit finishes
-
-
-def test_weight_average_follows_the_weights_with_its_decay():
-    from dsv4.train.trainer import WeightAverage
-
-    layer = torch.nn.Linear(3, 2)
-    w0 = layer.weight.detach().clone()
-    average = WeightAverage(layer, decay=0.9)
-    values = [torch.full_like(w0, 1.0), torch.full_like(w0, -2.0)]
-    expected = w0
-    for v in values:
-        with torch.no_grad():
-            layer.weight.copy_(v)
-        average.update(layer)
-        expected = 0.9 * expected + 0.1 * v
-    average.copy_to(layer)
-    assert torch.allclose(layer.weight, expected)
-
-
-def test_training_with_a_weight_average_saves_it_and_the_last_weights(tmp_path):
-    args = ModelArgs(**TINY)
-    cfg = TrainConfig(steps=6, batch_tokens=300, num_examples=50, vocab_size=1200,
-                      ema_decay=0.5)
-    result = train(args, cfg, out_dir=tmp_path / "avg", last_dir=tmp_path / "last",
-                   progress=False)
-    avg = dsv4.load_model(tmp_path / "avg", device="cpu", dtype=torch.float32)
-    last = dsv4.load_model(tmp_path / "last", device="cpu", dtype=torch.float32)
-    name = "layers.0.attn.wq_a.weight"
-    assert not torch.equal(avg.state_dict()[name], last.state_dict()[name])
-    # the returned model is the average: the one written to out_dir
-    save(result["model"], result["tokenizer"], tmp_path / "again")
-    again = dsv4.load_model(tmp_path / "again", device="cpu", dtype=torch.float32)
-    assert torch.equal(again.state_dict()[name], avg.state_dict()[name])

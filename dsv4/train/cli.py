@@ -46,11 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="Muon learning rate")
     parser.add_argument("--adamw-lr", type=float, default=TrainConfig.adamw_lr,
                         help="AdamW learning rate (embeddings, norms, biases)")
-    parser.add_argument("--ema-decay", type=float, default=None,
-                        help="save an exponential moving average of the weights with this decay "
-                             "(e.g. 0.995: about the last 200 steps) instead of the last weights")
-    parser.add_argument("--last-out", default=None,
-                        help="with --ema-decay, also write the last weights (FP8 + FP4) here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
 
@@ -62,11 +57,9 @@ def run(args: argparse.Namespace) -> int:
                       micro_batches=args.micro_batches,
                       adamw_lr=args.adamw_lr, num_examples=args.num_examples,
                       vocab_size=args.vocab_size, seed=args.seed,
-                      time_limit=args.time_limit, ema_decay=args.ema_decay)
-    if args.last_out and args.ema_decay is None:
-        raise ValueError("--last-out writes the weights before averaging; it needs --ema-decay")
+                      time_limit=args.time_limit)
     result = train(model_args, cfg, out_dir=args.out, device=args.device,
-                   bf16_dir=args.bf16_out, last_dir=args.last_out)
+                   bf16_dir=args.bf16_out)
     last = result["history"][-20:] or [{"loss": float("nan"), "mtp_loss": float("nan")}]
     summary = {"steps": len(result["history"]), "out": args.out,
                "train_seconds": round(result["seconds"], 1),

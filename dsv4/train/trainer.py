@@ -46,8 +46,6 @@ class TrainConfig:
     time_limit: float | None = None  # seconds of training: the schedule ends at the limit
     vocab_size: int = 2048
     seed: int = 0
-    ema_decay: float | None = None  # keep an exponential moving average of the weights, which
-    # is what gets saved (horizon about 1 / (1 - decay) steps); None saves the last weights
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_tokens", "micro_batches", "num_examples", "vocab_size"):
@@ -55,8 +53,6 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.time_limit is not None and self.time_limit <= 0:
             raise ValueError(f"TrainConfig.time_limit must be > 0 seconds, got {self.time_limit}")
-        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 def render(example: Example, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
@@ -131,31 +127,6 @@ class _ExpertLoad:
         return worst
 
 
-class WeightAverage:
-    """An exponential moving average of a model's floating-point weights and buffers (the
-    selection biases of aux-loss-free balancing included): after each step,
-    average += (1 - decay) * (weights - average). Small batches of one task family make the
-    last weights lean towards the last few batches; the average spreads over the last
-    1 / (1 - decay) steps."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
-        self.average = [model.state_dict()[k].detach().clone() for k in self.names]
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        state = model.state_dict()
-        torch._foreach_lerp_(self.average, [state[k].detach() for k in self.names],
-                             1 - self.decay)
-
-    @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
-        state = model.state_dict()
-        for k, v in zip(self.names, self.average):
-            state[k].copy_(v)
-
-
 def _similar_lengths(data: list, batch_tokens: int, rng: random.Random) -> list:
     """A random run of neighbours in length order (`data` is sorted by length) holding about
     `batch_tokens` padded tokens, so little of each step is spent on padding and a step costs
@@ -217,12 +188,9 @@ def _step(model: Transformer, optimizers, data: list, cfg: TrainConfig, rng: ran
 
 
 def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
-          device: str = "cpu", progress: bool = True, bf16_dir: str | Path | None = None,
-          last_dir: str | Path | None = None) -> dict:
-    """Train from scratch; returns the loss history and the model (the weight average when
-    `cfg.ema_decay` is set). Writes that model (FP8 + FP4) when out_dir is given, the bf16
-    weights it was quantised from when bf16_dir is, and the last weights before averaging
-    (FP8 + FP4) when last_dir is."""
+          device: str = "cpu", progress: bool = True, bf16_dir: str | Path | None = None) -> dict:
+    """Train from scratch; returns the loss history. Writes the model (FP8 + FP4) when out_dir
+    is given, and the bf16 weights it was quantised from when bf16_dir is."""
     torch.manual_seed(cfg.seed)
     examples = list(generate_examples(cfg.num_examples, seed=cfg.seed))
     texts = [encode_messages(e.messages, e.thinking_mode) for e in examples[:5000]]
@@ -239,7 +207,6 @@ def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
     muon = Muon(matrices, lr=cfg.lr)
     adamw = torch.optim.AdamW(rest, lr=cfg.adamw_lr, betas=(0.9, 0.95), weight_decay=0.0)
     load = _ExpertLoad(model)
-    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
     rng = random.Random(cfg.seed)
     history = []
     bar = None
@@ -265,8 +232,6 @@ def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
                                            tokenizer.eos_id, device)
             tokens += step_tokens
             imbalance = load.rebalance(cfg.bias_update_rate)
-            if average is not None:
-                average.update(model)
             history.append({"step": step, "loss": main, "mtp_loss": mtp,
                             "max_expert_load": imbalance})
             if bar is not None:
@@ -279,10 +244,6 @@ def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
     if bar is not None:
         bar.close()
     model.eval()
-    if last_dir is not None:
-        save(model, tokenizer, last_dir)
-    if average is not None:
-        average.copy_to(model)
     if out_dir is not None:
         save(model, tokenizer, out_dir)
     if bf16_dir is not None:
