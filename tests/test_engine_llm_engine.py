@@ -104,7 +104,7 @@ def test_over_long_prompt_rejected_at_once_naming_both_lengths(hf_model):
         eng.add_request([5] * 2040, SamplingParams(max_tokens=16))
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 256\)"):
         eng.add_request([5, 300])
-    with pytest.raises(ValueError, match=r"SamplingParams.stop needs text"):
+    with pytest.raises(ValueError, match=r"SamplingParams.stop and stop_after need text"):
         eng.add_request([5], SamplingParams(stop=["x"]))
     assert not eng.has_unfinished_requests()
 

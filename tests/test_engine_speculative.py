@@ -103,7 +103,8 @@ def bundled():
     SamplingParams(temperature=0, max_tokens=60, stop=[" = "], stop_token_ids=[5]),
     # kept stop strings end the request at the token that completes them, even when the step
     # that yields it yields one more (the server ends a forced tool call this way)
-    SamplingParams(temperature=0, max_tokens=60, stop_after=[" + ", ",", "</think>"]),
+    SamplingParams(temperature=0, max_tokens=60, stop_after=[" + ", "</think>"],
+                   skip_special_tokens=False),
 ], ids=["greedy", "seeded-penalised", "stops", "kept-stops"])
 def test_speculative_decoding_changes_no_output(bundled, params):
     _, plain = bundled(params)
@@ -113,6 +114,8 @@ def test_speculative_decoding_changes_no_output(bundled, params):
             (a.token_ids, a.text, a.finish_reason, a.stop_reason)
         if a.stop_reason in params.stop_after:
             assert a.text.endswith(a.stop_reason)
+    if params.stop_after:
+        assert any(o.stop_reason in params.stop_after for o in plain)
         if params.logprobs:
             assert [t.token_id for t in b.logprobs] == [t.token_id for t in a.logprobs]
             assert [t.logprob for t in b.logprobs] == \

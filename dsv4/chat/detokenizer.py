@@ -89,7 +89,7 @@ class IncrementalDetokenizer:
         if best is None:
             return None
         i, s = best
-        keep = include_stop_str or s in kept
+        keep = include_stop_str or s in kept  # a string in both lists is kept
         self.output_text = self.output_text[: i + len(s) if keep else i]
         return s
 

@@ -94,7 +94,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if params.stop_strings and self.tokenizer is None:
             raise ValueError(
-                "SamplingParams.stop needs text, but this engine has no tokenizer; use "
+                "SamplingParams.stop and stop_after need text, but this engine has no "
+                "tokenizer; use "
                 "stop_token_ids or create the engine with a tokenizer."
             )
         if isinstance(prompt, str):

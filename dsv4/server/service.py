@@ -25,7 +25,6 @@ from dsv4.chat import (
     Finished,
     StreamParser,
     Tokenizer,
-    ToolCallEnd,
     ToolCallStart,
     encode_messages,
 )
@@ -64,7 +63,6 @@ class Plan:
     tool_names: set[str] | None = None
     call_id_prefix: str = "call_"
     prompt_text: str = ""
-    stop_after_tool_call: bool = False  # a forced call: the answer ends when the call does
 
 
 @dataclass
@@ -231,11 +229,10 @@ class Service:
         prompt, prefill = self.render_chat(messages, tools, tool_choice, thinking_mode, effort)
         text = prompt + prefill
         names = {t["function"]["name"] for t in tools or []}
-        # a named function (or the only tool, required) is called exactly once: the engine
-        # ends the answer at the call's closing tag
-        forced_call = f'<{DSML}invoke name="' in prefill
-        if forced_call:
-            params = replace(params, stop_after=[*params.stop_after, INVOKE_END])
+        if f'<{DSML}invoke name="' in prefill:
+            # a named function (or the only tool, required) is called exactly once: the engine
+            # ends the answer at the call's closing tag, whatever min_tokens asked for
+            params = replace(params, stop_after=[*params.stop_after, INVOKE_END], min_tokens=0)
         return Plan(
             prompt_ids=self.tokenizer.encode(text),
             params=params,
@@ -244,7 +241,6 @@ class Service:
             tool_names=names if tool_choice.mode != "none" else set(),
             call_id_prefix=call_id_prefix,
             prompt_text=text,
-            stop_after_tool_call=forced_call,
         )
 
     def encode_text_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -340,17 +336,10 @@ class _Choice:
             self.num_logprobs = len(comp.logprobs)
         final = comp.finish_reason is not None
         update.events = self._parse(new_text, final)
-        call_done = (
-            not final
-            and self.plan.stop_after_tool_call
-            and any(isinstance(e, ToolCallEnd) for e in update.events)
-        )
-        if call_done:  # the forced call is complete: stop here, keep what is left as content
-            update.events += self._parse("", final=True)
-        if final or call_done:
+        if final:
             self.finished = True
             self.reasoning_tokens = self._count_reasoning(comp.token_ids)
-            reason = "tool_calls" if call_done else comp.finish_reason
+            reason = comp.finish_reason
             if reason == "stop" and self.has_tool_calls:
                 reason = "tool_calls"
             update.finish_reason = self.finish_reason = reason
@@ -408,8 +397,6 @@ class GenerationRun:
                     self.usage.completion_tokens += new_tokens
                 if updates:
                     yield updates
-                if all(c.finished for c in self.choices):
-                    break  # a forced tool call ended before the engine stopped: abort it
             self.finished = True
         finally:
             self._record()
