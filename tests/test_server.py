@@ -202,6 +202,11 @@ def test_tool_round_trip(client, tokenizer):
     assert call.id.startswith("call_")
     assert isinstance(json.loads(call.function.arguments), dict)
     assert "DSML" not in (choice.message.content or "") + call.function.arguments
+    # the call ends at its closing tag, whatever min_tokens asks for
+    padded = client.chat.completions.create(
+        **{**kwargs, "extra_body": {**kwargs["extra_body"], "min_tokens": 40}})
+    assert padded.usage.completion_tokens == first.usage.completion_tokens
+    assert padded.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
     streamed = _stream_chat(client, **kwargs)
     assert streamed["finish"] == "tool_calls"
     assert [(c["name"], c["arguments"]) for c in streamed["tool_calls"].values()] == \
