@@ -95,8 +95,7 @@ class LLMEngine:
         if params.stop_strings and self.tokenizer is None:
             raise ValueError(
                 "SamplingParams.stop and stop_after need text, but this engine has no "
-                "tokenizer; use "
-                "stop_token_ids or create the engine with a tokenizer."
+                "tokenizer; use stop_token_ids or create the engine with a tokenizer."
             )
         if isinstance(prompt, str):
             if self.tokenizer is None:
