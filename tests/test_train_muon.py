@@ -41,6 +41,20 @@ def test_muon_refuses_non_matrices():
         Muon([torch.nn.Parameter(torch.zeros(3))])
 
 
+def test_weight_decay_is_decoupled_and_follows_the_learning_rate():
+    # A zero gradient orthogonalises to a zero step, so only the decay moves the weights.
+    w = torch.nn.Parameter(torch.ones(8, 8))
+    opt = Muon([w], lr=0.05, weight_decay=0.1)
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((8, 8), 1 - 0.05 * 0.1))
+    opt.param_groups[0]["lr"] = 0.0  # a schedule at zero stops the decay too
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((8, 8), 1 - 0.05 * 0.1))
+    with pytest.raises(ValueError, match="weight_decay"):
+        Muon([w], weight_decay=-0.1)
+
+
 def test_orthogonalize_batches_like_one_at_a_time():
     stack = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(1))
     together = orthogonalize(stack)

@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="Muon learning rate")
     parser.add_argument("--adamw-lr", type=float, default=TrainConfig.adamw_lr,
                         help="AdamW learning rate (embeddings, norms, biases)")
+    parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
+                        help="decoupled weight decay of the Muon (hidden) matrices")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
 
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                       micro_batches=args.micro_batches,
                       adamw_lr=args.adamw_lr, num_examples=args.num_examples,
                       vocab_size=args.vocab_size, seed=args.seed,
-                      time_limit=args.time_limit)
+                      time_limit=args.time_limit, weight_decay=args.weight_decay)
     result = train(model_args, cfg, out_dir=args.out, device=args.device,
                    bf16_dir=args.bf16_out)
     last = result["history"][-20:] or [{"loss": float("nan"), "mtp_loss": float("nan")}]

@@ -43,6 +43,8 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon lr must be positive, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"Muon momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"Muon weight_decay must be >= 0, got {weight_decay}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         ns_steps=ns_steps, nesterov=nesterov)
         super().__init__(params, defaults)
