@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 import dsv4
@@ -78,3 +79,9 @@ def test_time_limit_ends_the_schedule():
                                       vocab_size=1200, time_limit=2.0), progress=False)
     assert 1 <= len(result["history"]) < 10**6
     assert result["seconds"] < 2.0 + 5.0  # the step running at the limit finishes
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("weight_decay", -0.1), ("time_limit", 0)])
+def test_bad_training_settings_are_refused_before_any_work(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
