@@ -54,6 +54,17 @@ def test_training_practises_subtraction_more_than_the_evaluation_asks_it():
     assert abs(share_of_subtraction(data.eval_examples(1000)) - 1 / 3) < 0.06
 
 
+def test_bare_products_train_over_wider_operands_than_the_evaluation_asks():
+    def first_operands(examples, mode):
+        return {e.spec[2] for e in examples
+                if e.family == "arithmetic" and e.spec[1] == "*" and e.thinking_mode == mode}
+
+    trained = list(data.generate_examples(4000, seed=0, families={"arithmetic": 1.0}))
+    asked = data.eval_examples(2000)
+    assert max(first_operands(trained, "chat")) > 90
+    assert max(first_operands(trained, "thinking")) < 50  # reasoning keeps the eval's range
+    assert max(first_operands(asked, "chat")) < 50
+
 def test_tool_conversations_are_consistent():
     kinds_of_values, tool_counts = set(), set()
     for e in data.generate_examples(300, seed=5, families={"tool": 1.0}):
