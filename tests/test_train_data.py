@@ -65,6 +65,7 @@ def test_bare_products_train_over_wider_operands_than_the_evaluation_asks():
     assert max(first_operands(trained, "thinking")) < 50  # reasoning keeps the eval's range
     assert max(first_operands(asked, "chat")) < 50
 
+
 def test_tool_conversations_are_consistent():
     kinds_of_values, tool_counts = set(), set()
     for e in data.generate_examples(300, seed=5, families={"tool": 1.0}):
