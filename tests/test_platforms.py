@@ -43,3 +43,18 @@ def test_register_a_new_platform():
         assert get_platform("fakecpu").name == "fakecpu"
     finally:
         platforms._REGISTRY.pop("fakecpu")
+
+
+@pytest.mark.parametrize("bf16_matmul, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_models_load_in_bf16_only_where_the_cpu_multiplies_it_in_hardware(
+        monkeypatch, bf16_matmul, dtype):
+    # Without bf16 hardware (AVX2 only) torch's bf16 matmul fallback made a dsv4-tiny prefill
+    # 2.7x to 3.6x slower than float32; an explicit dtype still wins.
+    from dsv4.model.loader import load_model
+    from dsv4.train.evaluate import BUNDLED
+
+    monkeypatch.setattr("dsv4.platforms.cpu.has_bf16_matmul", lambda: bf16_matmul)
+    assert CpuPlatform().default_dtype == dtype
+    assert load_model(BUNDLED, device="cpu").layers[0].attn.wq_a.weight.dtype == dtype
+    explicit = load_model(BUNDLED, device="cpu", dtype=torch.float16)
+    assert explicit.layers[0].attn.wq_a.weight.dtype == torch.float16

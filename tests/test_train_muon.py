@@ -60,3 +60,23 @@ def test_orthogonalize_batches_like_one_at_a_time():
     together = orthogonalize(stack)
     for i in range(3):
         torch.testing.assert_close(together[i], orthogonalize(stack[i]), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("bf16_matmul", [False, True])
+def test_newton_schulz_runs_in_float32_on_a_cpu_without_bf16_matmuls(monkeypatch, bf16_matmul):
+    # Without bf16 hardware a bf16 matmul is tens of times slower than float32 (a one-hour
+    # training run became a 30-hour one), so the iteration must not use it there.
+    import dsv4.train.muon as muon
+
+    monkeypatch.setattr(muon, "has_bf16_matmul", lambda: bf16_matmul)
+    u = torch.randn(2, 24, 40, generator=torch.Generator().manual_seed(2))
+    x = u / u.norm(dim=(-2, -1), keepdim=True)
+    a, b, c = muon.NS_COEFFICIENTS
+    for _ in range(5):  # the textbook iteration in float32
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    error = (orthogonalize(u) - x).abs().max().item()
+    if bf16_matmul:
+        assert error > 1e-4  # bf16 rounding shows
+    else:
+        assert error < 1e-5

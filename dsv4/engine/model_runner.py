@@ -81,7 +81,7 @@ class V4ModelRunner(ModelRunner):
                                  f"{sorted(TORCH_DTYPES)}")
             dtype = TORCH_DTYPES[dtype]
         kv = "fp8" if config.kv_cache_dtype == "fp8" else "auto"
-        model = load_model(path, device=device, dtype=dtype or torch.bfloat16, kv_cache_dtype=kv)
+        model = load_model(path, device=device, dtype=dtype, kv_cache_dtype=kv)
         return cls.for_model(model, config)
 
     @classmethod

@@ -36,11 +36,12 @@ def build_model(
 def load_model(
     path: str | Path,
     device: str | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     kv_cache_dtype: str | None = None,
     indexer_cache_dtype: str | None = None,
 ) -> Transformer:
-    """Load a V4 checkpoint folder. `device`: "cpu", "cuda", "npu" or None (best available).
+    """Load a V4 checkpoint folder. `device`: "cpu", "cuda", "npu" or None (best available);
+    `dtype`: None for the platform's default (bf16, or float32 on a CPU without bf16 matmuls).
 
     Numerics defaults follow the checkpoint: a quantised release (its config has a
     quantization_config) gets the FP8 KV cache and FP4 indexer it was trained with;
@@ -55,6 +56,7 @@ def load_model(
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     platform = get_platform(device)
+    dtype = dtype or platform.default_dtype
     args = ModelArgs.from_json(path)
     # (small models whose dims do not fit the FP8 / Hadamard blocks run unquantised)
     fp8_ok = (args.head_dim - args.qk_rope_head_dim) % 64 == 0

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from dsv4.platforms.base import Platform
+
+
+def has_bf16_matmul() -> bool:
+    """True when this CPU runs bf16 matmuls in hardware (oneDNN's bf16 kernels: AVX-512 or
+    AMX). Without them (AVX2 only) torch falls back to a path that is many times slower than
+    float32: 27x for a 512 x 512 product on a 2-core AVX2 EPYC, 2.7x to 3.6x for a dsv4-tiny
+    prefill."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class CpuPlatform(Platform):
@@ -15,6 +25,10 @@ class CpuPlatform(Platform):
     @classmethod
     def is_available(cls) -> bool:
         return True
+
+    @property
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if has_bf16_matmul() else torch.float32
 
     def synchronize(self) -> None:
         pass

@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", nargs="+", default=None, dest="served_model_names",
                         help="names clients use in `model` (default: the folder's name)")
     parser.add_argument("--device", default=None, help="cpu, cuda or npu (default: the best)")
-    parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16)")
+    parser.add_argument("--dtype", default=None,
+                        help="bf16, fp16 or fp32 (default: bf16, or fp32 on a CPU without "
+                        "bf16 matmuls)")
     parser.add_argument("--kv-cache-dtype", default=d["kv_cache_dtype"].default,
                         help="bf16 or fp8")
     parser.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default,

@@ -6,23 +6,36 @@ update matrix by (approximately) the nearest semi-orthogonal matrix, U V^T of it
 equalises the update's singular values. The SVD is approximated by a quintic Newton-Schulz
 iteration; the coefficients (3.4445, -4.7750, 2.0315) are Keller Jordan's published choice,
 which drives singular values into roughly [0.7, 1.2] in five steps. As in the published
-Muon, the iteration runs in bfloat16 (it only needs singular values near 1, not digits), and
-updates of the same shape are orthogonalised as one batch: on a CPU with bf16 matmuls that
-makes the optimizer step 1.7x faster (it was a third of a dsv4-tiny training step).
+Muon, the iteration runs in bfloat16 where bf16 matmuls are fast (it only needs singular
+values near 1, not digits), and updates of the same shape are orthogonalised as one batch: on
+a CPU with bf16 matmuls that makes the optimizer step 1.7x faster (it was a third of a
+dsv4-tiny training step). A CPU without them (AVX2 only) runs a bf16 matmul about 27x slower
+than a float32 one, through a fallback; there the iteration runs in float32.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dsv4.platforms.cpu import has_bf16_matmul
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16, except on a CPU without bf16 matmuls (float32 there)."""
+    if device.type == "cpu" and not has_bf16_matmul():
+        return torch.float32
+    return torch.bfloat16
 
 
 def orthogonalize(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximate U V^T for `update` = U S V^T: one matrix [m, n] or a stack [k, m, n];
     returns float32."""
     a, b, c = NS_COEFFICIENTS
-    x = update.to(torch.bfloat16)
+    single = update.ndim == 2
+    x = update[None] if single else update
+    x = x.to(newton_schulz_dtype(x.device))
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # iterate on the wide side: X X^T is the smaller Gram matrix
         x = x.mT
@@ -30,8 +43,10 @@ def orthogonalize(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.mT if transposed else x).float()
+        # x <- a x + (b gram + c gram^2) x, the scaled sums fused into the products
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = (x.mT if transposed else x).float()
+    return x[0] if single else x
 
 
 class Muon(torch.optim.Optimizer):
