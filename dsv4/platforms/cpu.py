@@ -10,8 +10,8 @@ from dsv4.platforms.base import Platform
 
 
 def has_bf16_matmul() -> bool:
-    """True when this CPU runs bf16 matmuls in hardware (oneDNN's bf16 kernels: AVX-512 or
-    AMX). Without them (AVX2 only) torch falls back to a path that is many times slower than
+    """True when this CPU runs bf16 matmuls in hardware (oneDNN's bf16 kernels, on AVX-512
+    CPUs and newer). Without them (AVX2 only) torch falls back to a path many times slower than
     float32: 27x for a 512 x 512 product on a 2-core AVX2 EPYC, 2.7x to 3.6x for a dsv4-tiny
     prefill."""
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
