@@ -68,7 +68,7 @@ def test_newton_schulz_runs_in_float32_on_a_cpu_without_bf16_matmuls(monkeypatch
     # dsv4-tiny training step took 43 s), so the iteration must not use it there.
     import dsv4.train.muon as muon
 
-    monkeypatch.setattr(muon, "has_bf16_matmul", lambda: bf16_matmul)
+    monkeypatch.setattr("dsv4.platforms.cpu.has_bf16_matmul", lambda: bf16_matmul)
     u = torch.randn(2, 24, 40, generator=torch.Generator().manual_seed(2))
     x = u / u.norm(dim=(-2, -1), keepdim=True)
     a, b, c = muon.NS_COEFFICIENTS

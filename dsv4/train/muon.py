@@ -10,23 +10,17 @@ Muon, the iteration runs in bfloat16 where bf16 matmuls are fast (it only needs 
 values near 1, not digits), and updates of the same shape are orthogonalised as one batch: on
 a CPU with bf16 matmuls that makes the optimizer step 1.7x faster (it was a third of a
 dsv4-tiny training step). A CPU without them (AVX2 only) runs a bf16 matmul about 27x slower
-than a float32 one, through a fallback; there the iteration runs in float32.
+than a float32 one, through a fallback; there the iteration runs in float32, the CPU
+platform's default dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dsv4.platforms.cpu import has_bf16_matmul
+from dsv4.platforms import get_platform
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-
-
-def newton_schulz_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16, except on a CPU without bf16 matmuls (float32 there)."""
-    if device.type == "cpu" and not has_bf16_matmul():
-        return torch.float32
-    return torch.bfloat16
 
 
 def orthogonalize(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -35,7 +29,7 @@ def orthogonalize(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     a, b, c = NS_COEFFICIENTS
     single = update.ndim == 2
     x = update[None] if single else update
-    x = x.to(newton_schulz_dtype(x.device))
+    x = x.to(get_platform(x.device.type).default_dtype)  # bf16 where its matmuls are fast
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # iterate on the wide side: X X^T is the smaller Gram matrix
         x = x.mT
