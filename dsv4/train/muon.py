@@ -9,9 +9,8 @@ which drives singular values into roughly [0.7, 1.2] in five steps. As in the pu
 Muon, the iteration runs in bfloat16 where bf16 matmuls are fast (it only needs singular
 values near 1, not digits), and updates of the same shape are orthogonalised as one batch: on
 a CPU with bf16 matmuls that makes the optimizer step 1.7x faster (it was a third of a
-dsv4-tiny training step). A CPU without them (AVX2 only) runs a bf16 matmul about 27x slower
-than a float32 one, through a fallback; there the iteration runs in float32, the CPU
-platform's default dtype.
+dsv4-tiny training step). It runs in the platform's default dtype, which is float32 on a CPU
+without bf16 matmuls (`dsv4.platforms.cpu.has_bf16_matmul`).
 """
 
 from __future__ import annotations
