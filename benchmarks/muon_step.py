@@ -1,6 +1,7 @@
 """One Muon step over dsv4-tiny's matrices, with the Newton-Schulz iteration in bfloat16 and in
-float32, in the same process, against the time the step's matrix products would take at the
-float32 peak this process measures (a 1024 x 1024 product).
+float32, and in float32 with each shape's updates as one stack instead of cache-sized ones,
+in the same process, against the time the step's matrix products would take at the float32
+peak this process measures (a 1024 x 1024 product).
 
 On a CPU with bf16 matmuls, bf16 is the faster dtype; on one without them (AVX2 only) torch's
 bf16 fallback is many times slower, and `dsv4.train.muon` iterates in float32 there. Prints a
@@ -68,14 +69,18 @@ def main() -> int:
     optimizer = muon.Muon(matrices, lr=1e-6)
     flops, peak, in_hardware = newton_schulz_flops(matrices), peak_flops(), cpu.has_bf16_matmul()
     rows = {}
-    for name, bf16 in (("float32", False), ("bfloat16", True)):
+    cache_sized = muon.stack_size
+    for name, bf16, one_stack in (("float32", False, False), ("float32, one stack", False, True),
+                                  ("bfloat16", True, False)):
         cpu.has_bf16_matmul = lambda bf16=bf16: bf16  # the platform's dtype, which Muon uses
+        muon.stack_size = len if one_stack else cache_sized
         rows[name] = step_seconds(optimizer, opts.repeats)
+    muon.stack_size = cache_sized
     print(f"bf16 matmuls in hardware: {in_hardware}; {len(matrices)} matrices, "
           f"{flops / 1e9:.1f} GFLOP per step; float32 peak {peak / 1e9:.0f} GFLOP/s")
-    print(f"{'Newton-Schulz in':<18}{'seconds':>9}{'vs float32':>12}{'vs peak':>9}")
+    print(f"{'Newton-Schulz in':<22}{'seconds':>9}{'vs float32':>12}{'vs peak':>9}")
     for name, seconds in rows.items():
-        print(f"{name:<18}{seconds:>9.3f}{seconds / rows['float32']:>11.2f}x"
+        print(f"{name:<22}{seconds:>9.3f}{seconds / rows['float32']:>11.2f}x"
               f"{flops / peak / seconds:>9.0%}")
     print(json.dumps({"bf16_matmul": in_hardware, "gflop": flops / 1e9,
                       "peak_gflops": peak / 1e9, "seconds": rows}))

@@ -80,3 +80,21 @@ def test_newton_schulz_runs_in_float32_on_a_cpu_without_bf16_matmuls(monkeypatch
         assert error > 1e-4  # bf16 rounding shows
     else:
         assert error < 1e-5
+
+
+def test_muon_step_in_cache_sized_stacks_moves_each_matrix_by_its_own_update():
+    from dsv4.train.muon import stack_size
+
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(64, 64, generator=g)) for _ in range(70)]
+    grads = [torch.randn(64, 64, generator=g) for _ in params]
+    assert stack_size(torch.stack(grads)) == 64  # 70 matrices: two stacks, 64 + 6
+    before = [p.detach().clone() for p in params]
+    opt = Muon(params, lr=0.1, momentum=0.9, nesterov=True)
+    for p, grad in zip(params, grads):
+        p.grad = grad
+    opt.step()
+    for p, old, grad in zip(params, before, grads):
+        nesterov = grad + 0.9 * grad  # first step: the momentum buffer is the gradient
+        torch.testing.assert_close(p.detach(), old - 0.1 * orthogonalize(nesterov),
+                                   atol=1e-5, rtol=0)
