@@ -51,6 +51,24 @@ def test_training_lowers_the_loss_and_the_checkpoint_loads_back_bit_exactly(tmp_
     assert Tokenizer.from_folder(tmp_path / "fp8").vocab_size == result["tokenizer"].vocab_size
 
 
+def test_train_command_writes_the_loss_curve_next_to_the_model(tmp_path, capsys):
+    import json
+
+    from dsv4.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "m"), "--steps", "3",
+                 "--batch-tokens", "300", "--num-examples", "50", "--vocab-size", "1200"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    log = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text()
+           .splitlines()]
+    assert [h["step"] for h in log] == [0, 1, 2] and summary["steps"] == 3
+    assert all(h["loss"] > 0 and 0 < h["lr_scale"] <= 1 for h in log)
+    assert log[0]["seconds"] <= log[1]["seconds"] <= log[2]["seconds"]
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
 def test_eval_scores_every_task_on_the_held_out_split(tmp_path):
     from dsv4.train.evaluate import evaluate
 

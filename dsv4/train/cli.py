@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from dsv4.model.config import ModelArgs
 from dsv4.train.trainer import TrainConfig, train
@@ -62,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
                       time_limit=args.time_limit, weight_decay=args.weight_decay)
     result = train(model_args, cfg, out_dir=args.out, device=args.device,
                    bf16_dir=args.bf16_out)
+    # The loss curve next to the weights: what tells a good draw of a recipe from a poor one.
+    with open(Path(args.out) / "train_log.jsonl", "w") as log:
+        log.writelines(json.dumps(h) + "\n" for h in result["history"])
     last = result["history"][-20:] or [{"loss": float("nan"), "mtp_loss": float("nan")}]
     summary = {"steps": len(result["history"]), "out": args.out,
                "train_seconds": round(result["seconds"], 1),

@@ -227,17 +227,18 @@ def train(args: ModelArgs, cfg: TrainConfig, out_dir: str | Path | None = None,
                 progress = max(progress, (time.perf_counter() - start) / cfg.time_limit)
                 if progress >= 1.0:
                     break
-            scale = min(1.0, (step + 1) / cfg.warmup_steps) * \
-                0.5 * (1 + math.cos(math.pi * progress))  # warmup, then cosine decay
+            scale = max(0.05, min(1.0, (step + 1) / cfg.warmup_steps) *
+                        0.5 * (1 + math.cos(math.pi * progress)))  # warmup, cosine decay
             for opt, base in ((muon, cfg.lr), (adamw, cfg.adamw_lr)):
                 for group in opt.param_groups:
-                    group["lr"] = base * max(scale, 0.05)
+                    group["lr"] = base * scale
             main, mtp, step_tokens = _step(model, (muon, adamw), data, cfg, rng,
                                            tokenizer.eos_id, device)
             tokens += step_tokens
             imbalance = load.rebalance(cfg.bias_update_rate)
             history.append({"step": step, "loss": main, "mtp_loss": mtp,
-                            "max_expert_load": imbalance})
+                            "max_expert_load": imbalance, "lr_scale": scale,
+                            "seconds": round(time.perf_counter() - start, 2)})
             if bar is not None:
                 rate = tokens / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{main:.3f}", mtp=f"{mtp:.3f}",
