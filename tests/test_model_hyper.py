@@ -6,7 +6,7 @@ import torch
 from dsv4.model.hyper import sinkhorn
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 300])
+@pytest.mark.parametrize("tokens", [1, 5, 300, 700])
 def test_sinkhorn_inference_path_gives_the_same_bits_as_the_autograd_path(tokens):
     g = torch.Generator().manual_seed(tokens)
     comb = torch.softmax(torch.randn(2, tokens, 4, 4, generator=g) * 3, dim=-1) + 1e-6
@@ -31,7 +31,7 @@ def _plain_sinkhorn(c, iters, eps):
     return c
 
 
-@pytest.mark.parametrize("tokens", [1, 300])
+@pytest.mark.parametrize("tokens", [1, 300, 700])  # 1,400 matrices: the torch path
 def test_sinkhorn_matches_the_plain_loop_and_its_autograd_gradient(tokens):
     g = torch.Generator().manual_seed(tokens)
     comb = torch.softmax(torch.randn(2, tokens, 4, 4, generator=g) * 3, dim=-1) + 1e-6
