@@ -51,14 +51,18 @@ def _normalise(c, spreaders, iters: int, eps: float, trail: list | None = None):
 NUMPY_MAX_MATRICES = 1024
 
 
+@functools.cache
+def _numpy_spreaders(n: int, dtype: torch.dtype) -> tuple:
+    return tuple(m.numpy() for m in _spreaders(n, dtype, torch.device("cpu")))
+
+
 def _as_arrays(comb: torch.Tensor) -> tuple:
     """(comb as [N, n*n], its spreaders): numpy on a CPU for small N, torch otherwise."""
     n = comb.shape[-1]
     flat = comb.detach().reshape(-1, n * n)
-    spreaders = _spreaders(n, comb.dtype, comb.device)
     if comb.device.type == "cpu" and len(flat) <= NUMPY_MAX_MATRICES:
-        return flat.numpy(), tuple(m.numpy() for m in spreaders)
-    return flat, spreaders
+        return flat.numpy(), _numpy_spreaders(n, comb.dtype)
+    return flat, _spreaders(n, comb.dtype, comb.device)
 
 
 class _Sinkhorn(torch.autograd.Function):
@@ -90,10 +94,9 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     The matrices are tiny (4 x 4 per token) and the 2 * iters normalisations are sequential, so
     the cost is dispatch, not arithmetic: this loop was a third of the torch ops of a decode
     step. On a CPU (up to `NUMPY_MAX_MATRICES`) it runs in numpy, whose calls cost less than
-    torch's; the sums are matmuls
-    (`_spreaders`). Training differentiates through it with the closed-form backward of
-    `_Sinkhorn`, not with autograd's record of the loop (tests/test_model_hyper.py checks both
-    against the plain loop).
+    torch's; the sums are matmuls (`_spreaders`). Training differentiates through it with the
+    closed-form backward of `_Sinkhorn`, not with autograd's record of the loop
+    (tests/test_model_hyper.py checks both against the plain loop).
     """
     if torch.is_grad_enabled() and comb.requires_grad:
         return _Sinkhorn.apply(comb, iters, eps)
