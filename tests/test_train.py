@@ -69,14 +69,14 @@ def test_train_command_writes_the_loss_curve_next_to_the_model(tmp_path, capsys)
     assert (tmp_path / "m" / "model.safetensors").is_file()
 
 
-def test_eval_scores_every_task_on_the_held_out_split(tmp_path):
+def test_eval_scores_every_task_on_the_held_out_split(tmp_path, capsys):
     from dsv4.train.evaluate import evaluate
 
     args = ModelArgs(**TINY)
     result = train(args, TrainConfig(steps=2, batch_tokens=300, num_examples=50, vocab_size=1200),
                    progress=False)
     save(result["model"], result["tokenizer"], tmp_path)
-    scores = evaluate(tmp_path, num_examples=12, max_tokens=6)
+    scores = evaluate(tmp_path, num_examples=12, max_tokens=6, misses=True)
     for key in ("arithmetic_accuracy", "tool_call_accuracy", "final_answer_accuracy",
                 "mtp_acceptance"):
         assert 0.0 <= scores[key] <= 1.0, key
@@ -89,6 +89,23 @@ def test_eval_scores_every_task_on_the_held_out_split(tmp_path):
     for key in scores["breakdown"]:
         score, mode, task = key.split("/")
         assert f"{score}_accuracy" in scores and mode in ("chat", "thinking") and task
+    # every wrong generation is listed once, under its breakdown key, with the question asked
+    right = sum(int(v.split("/")[0]) for v in scores["breakdown"].values())
+    assert len(scores["misses"]) == asked - right
+    questions = {m["content"] for e in eval_examples(12) for m in e.messages
+                 if m["role"] == "user"}
+    for miss in scores["misses"]:
+        assert miss["task"] in scores["breakdown"] and miss["question"] in questions
+        assert miss["expected"] not in (None, "") and isinstance(miss["output"], str)
+    from dsv4.cli import main
+
+    assert main(["eval", "--model", str(tmp_path), "--num-examples", "3", "--misses"]) == 0
+    printed = capsys.readouterr().out
+    table, *blocks = printed.split("\nmissed ")
+    counts = [line.split()[-1].split("/") for line in table.splitlines()
+              if line.startswith("  ")]  # "  arithmetic/chat/+   0/1"
+    missed = sum(int(n) - int(r) for r, n in counts)
+    assert len(blocks) == missed > 0 and all("expected" in b and "output" in b for b in blocks)
 
 
 def test_time_limit_ends_the_schedule():

@@ -7,6 +7,8 @@
 - chat_accuracy: conversational replies (greetings, recall across turns) exactly right;
 - breakdown: each accuracy split by mode and task ("arithmetic/chat/*",
   "tool_call/thinking/convert_units", "chat/chat/colour"), to see which skill is missing;
+- misses (with `--misses`): every wrong generation, its question, what was expected and the
+  model's whole output (reasoning included), to see where it went wrong;
 - mtp_acceptance: how often the MTP head's draft of token t+2 equals the model's own greedy
   choice there, on the reference answers (teacher forcing): the acceptance rate a
   speculative decoder would see.
@@ -48,6 +50,16 @@ def _task(e: Example) -> str:
     return e.spec[1]
 
 
+def _expected(kind: str, e: Example):
+    if e.family == "arithmetic":
+        return e.expected["answer"]
+    if e.family == "chat":
+        return e.expected["reply"]
+    if kind == "call":
+        return {"name": e.expected["tool"], "arguments": e.expected["arguments"]}
+    return e.expected["final"]
+
+
 def _score(kind: str, e: Example, message: dict) -> tuple[str, bool]:
     if e.family == "arithmetic":
         return "arithmetic", message["content"].strip() == str(e.expected["answer"])
@@ -84,7 +96,7 @@ def mtp_acceptance(model, tokenizer: Tokenizer, examples: list[Example]) -> floa
 
 
 def evaluate(model_path: str | Path, num_examples: int = 200, device: str = "cpu",
-             dtype: str = "fp32", max_tokens: int = 160) -> dict:
+             dtype: str = "fp32", max_tokens: int = 160, misses: bool = False) -> dict:
     from dsv4.engine.llm import LLM
     from dsv4.engine.sampling_params import SamplingParams
 
@@ -97,16 +109,24 @@ def evaluate(model_path: str | Path, num_examples: int = 200, device: str = "cpu
     outs = llm.generate([tokenizer.encode(p) for p, _, _ in jobs], params)
     right: dict[str, list[bool]] = {}
     by_task: dict[str, list[bool]] = {}
+    wrong = []
     for (_, e, kind), out in zip(jobs, outs):
         text = tokenizer.decode(out.token_ids)
         name, ok = _score(kind, e, parse_completion(text, e.thinking_mode))
+        task = f"{name}/{e.thinking_mode}/{_task(e)}"
         right.setdefault(name, []).append(ok)
-        by_task.setdefault(f"{name}/{e.thinking_mode}/{_task(e)}", []).append(ok)
+        by_task.setdefault(task, []).append(ok)
+        if not ok:
+            question = next(m["content"] for m in reversed(e.messages) if m["role"] == "user")
+            wrong.append({"task": task, "question": question,
+                          "expected": _expected(kind, e), "output": text})
     result = {f"{k}_accuracy": sum(v) / len(v) for k, v in right.items()}
     model = llm.engine.runner.model
     result["mtp_acceptance"] = mtp_acceptance(model, tokenizer, examples[:50])
     result["num_examples"] = len(examples)
     result["breakdown"] = {k: f"{sum(v)}/{len(v)}" for k, v in sorted(by_task.items())}
+    if misses:
+        result["misses"] = wrong
     result["model"] = str(model_path)
     return result
 
@@ -116,20 +136,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-examples", type=int, default=200)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--misses", action="store_true",
+                        help="also list every wrong answer with the model's whole output")
 
 
 def run(args: argparse.Namespace) -> int:
     if not Path(args.model, "config.json").is_file():
         raise ValueError(f"{args.model} is not a model folder (no config.json); train one with "
                          "`dsv4 train --out DIR` or pass --model")
-    result = evaluate(args.model, args.num_examples, args.device)
+    result = evaluate(args.model, args.num_examples, args.device, misses=args.misses)
     if args.json:
         print(json.dumps(result))
-    else:
-        breakdown = result.pop("breakdown")
-        for k, v in result.items():
-            print(f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}")
-        print("right / asked, by score, mode and task:")
-        for k, v in breakdown.items():
-            print(f"  {k:<40} {v}")
+        return 0
+    breakdown = result.pop("breakdown")
+    wrong = result.pop("misses", [])
+    for k, v in result.items():
+        print(f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}")
+    print("right / asked, by score, mode and task:")
+    for k, v in breakdown.items():
+        print(f"  {k:<40} {v}")
+    for miss in wrong:
+        print(f"\nmissed {miss['task']}: {miss['question']!r}\n  expected {miss['expected']!r}"
+              f"\n  output   {miss['output']!r}")
     return 0
