@@ -54,6 +54,17 @@ def test_greedy_is_exact_argmax():
     assert torch.equal(out.token_ids, logits.argmax(-1))
 
 
+def test_temperatures_too_small_to_divide_by_are_greedy():
+    # float32 logits divided by 1e-40 overflow to inf and the softmax to NaN: such a request
+    # must get the greedy answer, not a meaningless token
+    torch.manual_seed(2)
+    logits = torch.randn(3, VOCAB) * 5
+    params = [SamplingParams(temperature=t, seed=0) for t in (1e-40, 1e-20, 9e-6)]
+    assert all(p.is_greedy for p in params)
+    assert torch.equal(sample(logits, _batch(params)).token_ids, logits.argmax(-1))
+    assert not SamplingParams(temperature=1e-4).is_greedy
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy():
     torch.manual_seed(1)
     logits = torch.randn(8, VOCAB) * 3

@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # the OpenAI API allows at most 20 top_logprobs
+GREEDY_BELOW = 1e-5  # smaller temperatures are greedy: float32 logits divided by 1e-38 overflow
+# to inf and the softmax to NaN (vLLM treats temperatures under 1e-5 as greedy too)
 
 
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request and when to stop.
 
-    temperature 0 means greedy (exact argmax of the penalised logits). Penalties: presence and
-    frequency count generated tokens only (OpenAI semantics); repetition_penalty counts prompt
-    and generated tokens (Hugging Face semantics: positive logits divided, negative multiplied).
+    temperature 0 (or below GREEDY_BELOW) means greedy (exact argmax of the penalised logits).
+    Penalties: presence and frequency count generated tokens only (OpenAI semantics);
+    repetition_penalty counts prompt and generated tokens (Hugging Face semantics: positive logits divided, negative multiplied).
     `logprobs` is how many top alternatives to return per generated token (0 = only the chosen
     token's logprob, None = no logprobs); the values are those of the model's raw distribution
     (log_softmax of the logits before penalties, temperature and truncation), as vLLM returns by
@@ -53,6 +55,8 @@ class SamplingParams:
         _check(
             self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0 (0 = greedy)"
         )
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
         _check(
             isinstance(self.top_k, int) and self.top_k >= 0,
