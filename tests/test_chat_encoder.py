@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dsv4.chat import ChatEncodingError, encode_messages
+from dsv4.chat import ChatEncodingError, encode_continuation, encode_messages
+from dsv4.chat.tokens import EOS
 
 CASES = json.loads((Path(__file__).parent / "data" / "chat_encoding.json").read_text())["cases"]
 ENCODE = [c for c in CASES if c["kind"] == "encode"]
@@ -29,6 +30,35 @@ def test_conversation_ending_with_assistant_renders_its_turn_for_training():
     assert encode_messages(msgs, "chat").endswith(
         "<｜Assistant｜></think>Hello!<｜end▁of▁sentence｜>"
     )
+
+
+@pytest.mark.parametrize("mode", ["chat", "thinking"])
+def test_a_continued_turn_is_the_complete_turn_without_its_eos(mode):
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "reasoning_content": "greet"},
+    ]
+    prompt, start = encode_continuation(msgs, mode)
+    assert prompt == encode_messages(msgs[:-1], mode)  # ends where the model starts its answer
+    assert prompt + start + EOS == encode_messages(msgs, mode)
+    assert start == ("greet</think>Hello" if mode == "thinking" else "Hello")
+    # reasoning only: the model goes on thinking
+    assert encode_continuation(msgs[:-1] + [{"role": "assistant", "content": None,
+                                             "reasoning_content": "hm"}], "thinking")[1] == "hm"
+    # nothing before the turn but the BOS
+    alone = encode_continuation([{"role": "assistant", "content": "Once"}], mode)
+    assert alone[0] == "<｜begin▁of▁sentence｜><｜Assistant｜>" + (
+        "<think>" if mode == "thinking" else "</think>")
+
+
+def test_only_an_assistant_turn_without_calls_can_be_continued():
+    with pytest.raises(ChatEncodingError, match=r"messages\[0\]: only an assistant message"):
+        encode_continuation([{"role": "user", "content": "x"}])
+    call = {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    with pytest.raises(ChatEncodingError, match=r"messages\[1\]: .*with tool_calls; send"):
+        encode_continuation([{"role": "user", "content": "x"},
+                             {"role": "assistant", "content": "", "tool_calls": [call]}])
 
 
 def test_developer_role_and_text_parts():

@@ -338,6 +338,41 @@ def test_anthropic_streamed_tool_round_trip(server):
                                                                         "tool_use"}
 
 
+def _before_a_word(text: str, words: int) -> str:
+    """`text` up to the space before its `words`-th word: a boundary the byte-level BPE also
+    splits at, so the model sees the same tokens as when it wrote `text` itself."""
+    cuts = [i for i, ch in enumerate(text) if ch == " "]
+    return text[:cuts[min(words, len(cuts)) - 1]] if cuts else ""
+
+
+@pytest.mark.parametrize("mode", ["chat", "thinking"])
+def test_a_final_assistant_message_is_continued_not_sent_back(server, client, mode):
+    """Anthropic's prefill (and vLLM's continue_final_message): the model goes on from the
+    client's start of its answer, and only what it adds comes back."""
+    ask = "What is 35 - 17?" if mode == "thinking" else "What can you do?"
+    question = [{"role": "user", "content": ask}]
+    kwargs = dict(model=MODEL, max_tokens=80, temperature=0,
+                  extra_body={"thinking": {"type": "enabled" if mode == "thinking" else
+                                           "disabled"}})
+    whole = client.chat.completions.create(messages=question, **kwargs).choices[0].message
+    field = "reasoning_content" if mode == "thinking" else "content"
+    text = getattr(whole, field)
+    start = _before_a_word(text, 3)
+    assert start, text
+    rest = client.chat.completions.create(
+        messages=question + [{"role": "assistant", "content": None, field: start}], **kwargs
+    ).choices[0].message
+    assert start + getattr(rest, field) == text
+    if mode == "thinking":
+        assert rest.content == whole.content
+    else:  # the same through the Anthropic client
+        claude = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+        out = claude.messages.create(model=MODEL, max_tokens=80, extra_body={"temperature": 0},
+                                     messages=question + [{"role": "assistant",
+                                                           "content": start}])
+        assert start + "".join(b.text for b in out.content if b.type == "text") == text
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -402,6 +437,9 @@ CHAT_ERRORS = [
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "nope"}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, 400,
+     "messages"),
     ({"temperature": "hot"}, 400, "temperature"),
     ({"temperature": 7}, 400, "temperature"),
     ({"top_p": 0}, 400, "top_p"),

@@ -4,7 +4,12 @@ Pure Python; depends on nothing else in dsv4 and on no model."""
 from __future__ import annotations
 
 from dsv4.chat.detokenizer import IncrementalDetokenizer
-from dsv4.chat.encoder import ChatEncodingError, encode_messages, render_tool_calls
+from dsv4.chat.encoder import (
+    ChatEncodingError,
+    encode_continuation,
+    encode_messages,
+    render_tool_calls,
+)
 from dsv4.chat.parser import (
     ContentDelta,
     Finished,
@@ -30,6 +35,7 @@ __all__ = [
     "ToolCallEnd",
     "ToolCallStart",
     "collect",
+    "encode_continuation",
     "encode_messages",
     "parse_completion",
     "render_tool_calls",

@@ -154,7 +154,50 @@ def encode_messages(
     drop_thinking: bool = True,
     add_default_bos_token: bool = True,
 ) -> str:
-    """The prompt text for `messages`, ending where the model starts its answer."""
+    """The prompt text for `messages`, ending where the model starts its answer (or, when the
+    last message is an assistant's, with that turn complete: how training renders it)."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatEncodingError("messages must be a non-empty list")
+    return _render(messages, thinking_mode, reasoning_effort, drop_thinking, add_default_bos_token)
+
+
+def encode_continuation(
+    messages: list[dict],
+    thinking_mode: str = "chat",
+    reasoning_effort: str | None = None,
+    drop_thinking: bool = True,
+) -> tuple[str, str]:
+    """(prompt, start) for a conversation whose last message is an assistant turn the model
+    is to continue (Anthropic's prefill, vLLM's continue_final_message): the prompt of every
+    message before it, ending where the model starts its answer, and that turn's text so far
+    as the model would have written it ("reasoning</think>content" in thinking mode, the
+    content in chat mode). The turn has no EOS, so the model goes on from its last character."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatEncodingError("messages must be a non-empty list")
+    *before, last = messages
+    where = f"messages[{len(messages) - 1}]"
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        raise ChatEncodingError(f"{where}: only an assistant message can be continued")
+    if last.get("tool_calls"):
+        raise ChatEncodingError(
+            f"{where}: the last message is an assistant message with tool_calls; send each "
+            "call's result (role 'tool') after it, or drop the calls to continue its text"
+        )
+    prompt = _render(before, thinking_mode, reasoning_effort, drop_thinking, True)
+    content = _text(last.get("content"), where)
+    if thinking_mode != "thinking":
+        return prompt, content
+    reasoning = _text(last.get("reasoning_content"), f"{where}.reasoning_content")
+    return prompt, reasoning + (THINK_END + content if content else "")
+
+
+def _render(
+    messages: list[dict],
+    thinking_mode: str,
+    reasoning_effort: str | None,
+    drop_thinking: bool,
+    add_default_bos_token: bool,
+) -> str:
     if thinking_mode not in THINKING_MODES:
         raise ChatEncodingError(
             f"thinking_mode must be one of {THINKING_MODES}, got {thinking_mode!r}"
@@ -163,8 +206,6 @@ def encode_messages(
         raise ChatEncodingError(
             f"reasoning_effort must be 'high', 'max' or None, got {reasoning_effort!r}"
         )
-    if not isinstance(messages, list) or not messages:
-        raise ChatEncodingError("messages must be a non-empty list")
     thinking = thinking_mode == "thinking"
 
     system_parts: list[str] = []
@@ -241,6 +282,6 @@ def encode_messages(
                 f"{where}: unknown role {role!r}; expected system, "
                 "developer, user, assistant, tool or latest_reminder"
             )
-    if messages[-1]["role"] != "assistant":
+    if not messages or messages[-1]["role"] != "assistant":
         out.append(ASSISTANT + (THINK_START if thinking else THINK_END))
     return "".join(out)

@@ -26,6 +26,7 @@ from dsv4.chat import (
     StreamParser,
     Tokenizer,
     ToolCallStart,
+    encode_continuation,
     encode_messages,
 )
 from dsv4.chat.tokens import BOS, DSML, INVOKE_END, THINK_END, TOOL_CALLS_START
@@ -59,7 +60,9 @@ class Plan:
     prompt_ids: list[int]
     params: SamplingParams
     thinking_mode: str | None = None  # None: raw text, no chat parsing
-    prefill: str = ""  # the end of the prompt that the parser reads as model output
+    continued: str = ""  # the client's own start of the answer (a final assistant message):
+    # the parser reads it as model output, and it is not sent back
+    prefill: str = ""  # the end of the prompt that the parser reads as model output, and sends
     tool_names: set[str] | None = None
     call_id_prefix: str = "call_"
     prompt_text: str = ""
@@ -174,8 +177,9 @@ class Service:
         tool_choice: ToolChoice,
         thinking_mode: str,
         effort: str | None,
-    ) -> tuple[str, str]:
-        """(prompt text without prefill, prefill)."""
+    ) -> tuple[str, str, str]:
+        """(prompt text, the continued assistant turn, prefill). A final assistant message
+        (without tool calls) is a turn the model continues, as Anthropic's prefill is."""
         tools = tools or []
         names = [t["function"]["name"] for t in tools]
         if tool_choice.mode == "function" and tool_choice.name not in names:
@@ -192,11 +196,17 @@ class Service:
                 system = {"role": "system", "content": ""}
                 rendered.insert(0, system)
             system["tools"] = tools
+        continued = ""
         try:
-            prompt = encode_messages(rendered, thinking_mode, reasoning_effort=effort)
+            if messages and messages[-1].get("role") == "assistant":
+                prompt, continued = encode_continuation(rendered, thinking_mode,
+                                                        reasoning_effort=effort)
+            else:
+                prompt = encode_messages(rendered, thinking_mode, reasoning_effort=effort)
         except ChatEncodingError as exc:
             raise APIError(str(exc), param="messages") from None
-        return prompt, self._prefill(tool_choice, names, thinking_mode, prompt)
+        prefill = self._prefill(tool_choice, names, thinking_mode, prompt + continued)
+        return prompt, continued, prefill
 
     @staticmethod
     def _prefill(choice: ToolChoice, names: list[str], thinking_mode: str, prompt: str) -> str:
@@ -226,8 +236,9 @@ class Service:
         call_id_prefix: str = "call_",
     ) -> Plan:
         tool_choice = tool_choice or ToolChoice()
-        prompt, prefill = self.render_chat(messages, tools, tool_choice, thinking_mode, effort)
-        text = prompt + prefill
+        prompt, continued, prefill = self.render_chat(messages, tools, tool_choice,
+                                                      thinking_mode, effort)
+        text = prompt + continued + prefill
         names = {t["function"]["name"] for t in tools or []}
         if f'<{DSML}invoke name="' in prefill:
             # a named function (or the only tool, required) is called exactly once: the engine
@@ -237,6 +248,7 @@ class Service:
             prompt_ids=self.tokenizer.encode(text),
             params=params,
             thinking_mode=thinking_mode,
+            continued=continued,
             prefill=prefill,
             tool_names=names if tool_choice.mode != "none" else set(),
             call_id_prefix=call_id_prefix,
@@ -319,6 +331,7 @@ class _Choice:
         return out
 
     def start(self) -> ChoiceUpdate | None:
+        self._parse(self.plan.continued)  # the client's own text: read, not sent back
         if not self.plan.prefill:
             return None
         return ChoiceUpdate(self.index, events=self._parse(self.plan.prefill))
@@ -350,7 +363,9 @@ class _Choice:
         return update
 
     def _count_reasoning(self, token_ids: list[int]) -> int:
-        if self.plan.thinking_mode != "thinking" or self.plan.prefill.startswith(THINK_END):
+        plan = self.plan
+        if plan.thinking_mode != "thinking" or (THINK_END in plan.continued
+                                                 or plan.prefill.startswith(THINK_END)):
             return 0
         if self.think_end_id is not None and self.think_end_id in token_ids:
             return token_ids.index(self.think_end_id)
