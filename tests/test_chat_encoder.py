@@ -137,6 +137,21 @@ def test_developer_role_and_text_parts():
             r"messages\[1\]: tool_calls\[0\]\.function\.arguments is not valid JSON",
         ),
         ([{"role": "user", "content": {"image": 1}}], r"messages\[0\]: content must be"),
+        ([{"role": "user", "content": [{"type": "text"}]}],
+         r"messages\[0\]: a text part needs a string 'text'"),
+        ([{"role": "user", "content": "x"},
+          {"role": "assistant", "content": "", "tool_calls": [{"id": "a", "function": {
+              "name": 'a"><x', "arguments": {}}}]}],
+         r"messages\[1\]: tool_calls\[0\]\.function\.name must be"),
+        ([{"role": "user", "content": "x"},
+          {"role": "assistant", "content": "", "tool_calls": [{"id": "a", "function": {
+              "name": "f", "arguments": {'k"': 1}}}]}],
+         r"messages\[1\]: tool_calls\[0\] has an argument named 'k\"'"),
+        ([{"role": "user", "content": "x"},
+          {"role": "assistant", "content": "", "tool_calls": [{"id": "a", "function": {
+              "name": "f", "arguments": {}}}]},
+          {"role": "tool", "content": "1"}],
+         r"messages\[2\]: a tool message needs tool_call_id"),
         ([], "non-empty"),
     ],
 )

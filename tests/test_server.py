@@ -60,9 +60,10 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def small_server(model_dir):
-    """Two running sequences, one queued, a 1024-token context: fills up and ends quickly."""
+    """Two running sequences, one queued, a 1024-token context, bodies up to 100 kB: fills up
+    and ends quickly."""
     proc = ServerProcess(model_dir, "--max-num-seqs", "2", "--max-queue", "1",
-                         "--max-model-len", "1024")
+                         "--max-model-len", "1024", "--max-request-bytes", "100000")
     yield proc
     proc.stop()
 
@@ -436,16 +437,22 @@ CHAT_ERRORS = [
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "nope"}]}, 400, "messages"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "nope"}]}, 400, "messages[0]"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
         {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, 400,
-     "messages"),
+     "messages[1]"),
     ({"temperature": "hot"}, 400, "temperature"),
     ({"temperature": 7}, 400, "temperature"),
     ({"top_p": 0}, 400, "top_p"),
     ({"n": 0}, 400, "n"),
     ({"seed": 2**70}, 400, "seed"),
     ({"stop": [""]}, 400, "stop"),
+    ({"stop": ["a"] * 17}, 400, "stop"),  # too many, not "should be a valid string"
+    ({"tools": TOOLS, "tool_choice": "always"}, 400, "tool_choice"),  # no union member's name
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": 'f"><x', "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "1"}]}, 400,
+     "messages[1].tool_calls[0].function.name"),  # would be written into the DSML markup
     ({"top_logprobs": 30, "logprobs": True}, 400, "top_logprobs"),
     ({"logit_bias": {"5": 3.0}}, 400, "logit_bias"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
@@ -488,6 +495,17 @@ def test_other_errors(server, client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = _post(server, "/v1/completions", {"model": MODEL, "prompt": [1, 10**6]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": [-1, 5]})
+    assert r.status_code == 400 and "greater than or equal to 0" in r.json()["error"]["message"]
+    for raw, says in ((b'{"model": "dsv4-test", "seed": 1e400}', "too large for a float64"),
+                      (b'{"metadata": ' + b"[" * 100000 + b"]" * 100000 + b"}", "too deeply"),
+                      (b'{"seed": ' + b"9" * 5000 + b"}", "4300 digits"),
+                      (b"", "empty")):
+        r = _post(server, "/v1/chat/completions", raw)
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+    r = _post(server, "/v1/chat/completions", {"model": MODEL, "messages": []},
+              headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
     r = _post(server, "/v1/nothing", {})
     assert r.status_code == 404 and "error" in r.json()
     r = httpx.get(server.url + "/v1/chat/completions", headers=server.headers())
@@ -502,6 +520,13 @@ def test_other_errors(server, client):
          "tools[0].input_schema"),
         ({"tool_choice": {"type": "tool"}, "tools": ANTHROPIC_TOOLS}, "tool_choice.name"),
         ({"model": "claude-opus"}, "model"),
+        ({"stop_sequences": [""]}, "stop_sequences"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
+        # the block's tag is no field: messages[0].content[0].text, not ...text.text
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+         "messages[0].content[0].text: Field required"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": "1"}]}]}, "user message"),
     ]
     for change, field in cases:
         body = {"model": MODEL, "max_tokens": 4,
@@ -521,6 +546,25 @@ def test_other_errors(server, client):
 
 
 # --------------------------------------------------------------------------- operations
+
+
+def test_oversized_bodies_and_prompts_are_refused_before_they_are_read(small_server):
+    chat = "/v1/chat/completions"
+    big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 200_000}]}
+    r = httpx.post(small_server.url + chat, json=big, timeout=30)  # by its Content-Length
+    assert r.status_code == 413 and "--max-request-bytes" in r.json()["error"]["message"]
+    body = json.dumps(big).encode()
+    chunks = (body[i:i + 8192] for i in range(0, len(body), 8192))
+    r = httpx.post(small_server.url + chat, content=chunks, timeout=30,  # chunked: no length
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    # fits the body limit, but not the 1024-token context at any split: refused untokenised
+    r = httpx.post(small_server.url + chat, timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x" * 90_000}]})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert "90" in error["message"] and "characters" in error["message"]
+    assert small_server.health()["status"] == "ok"
 
 
 def test_full_queue_429_and_disconnect_aborts(small_server):

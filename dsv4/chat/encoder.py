@@ -83,18 +83,21 @@ def _text(content: Any, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for part in content:
-            if (
-                isinstance(part, dict)
-                and part.get("type") == "text"
-                and isinstance(part.get("text"), str)
-            ):
-                parts.append(part["text"])
-            else:
+            if not isinstance(part, dict) or part.get("type") != "text":
                 raise ChatEncodingError(
                     f"{where}: only text content parts are supported, got {part!r:.80}"
                 )
+            if not isinstance(part.get("text"), str):
+                raise ChatEncodingError(f"{where}: a text part needs a string 'text', got "
+                                        f"{part!r:.80}")
+            parts.append(part["text"])
         return "".join(parts)
     raise ChatEncodingError(f"{where}: content must be a string or a list of text parts")
+
+
+def _fits_markup(name: Any) -> bool:
+    """A tool or parameter name is written into a DSML attribute: name="..."."""
+    return isinstance(name, str) and bool(name) and not any(c in name for c in '"<>\n')
 
 
 def _tool_schema(tool: Any, where: str) -> dict:
@@ -105,7 +108,7 @@ def _tool_schema(tool: Any, where: str) -> dict:
             f"{where}: a tool must be {{'type': 'function', 'function': {{...}}}}"
         )
     name = fn.get("name")
-    if not isinstance(name, str) or not name or any(c in name for c in '"<>\n'):
+    if not _fits_markup(name):
         raise ChatEncodingError(
             f"{where}: tool name must be a non-empty string without quotes, "
             f"angle brackets or newlines, got {name!r}"
@@ -125,6 +128,10 @@ def render_tool_calls(tool_calls: list[dict], where: str = "assistant message") 
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise ChatEncodingError(f"{where}: tool_calls[{i}] needs function.name")
+        if not _fits_markup(fn["name"]):
+            raise ChatEncodingError(f"{where}: tool_calls[{i}].function.name must be a non-empty "
+                                    f"name without quotes, angle brackets or newlines, got "
+                                    f"{fn['name']!r:.80}")
         arguments = fn.get("arguments") or "{}"
         if isinstance(arguments, str):
             try:
@@ -135,6 +142,11 @@ def render_tool_calls(tool_calls: list[dict], where: str = "assistant message") 
                 ) from exc
         if not isinstance(arguments, dict):
             raise ChatEncodingError(f"{where}: tool_calls[{i}] arguments must be a JSON object")
+        bad = next((key for key in arguments if not _fits_markup(key)), None)
+        if bad is not None:
+            raise ChatEncodingError(f"{where}: tool_calls[{i}] has an argument named {bad!r:.80};"
+                                    " argument names cannot hold quotes, angle brackets or "
+                                    "newlines, or be empty")
         out.append(f'<{DSML}invoke name="{fn["name"]}">\n')
         for key, value in arguments.items():
             if isinstance(value, str):
@@ -265,6 +277,9 @@ def _render(
             j = i
             while j < len(messages) and messages[j]["role"] == "tool":
                 call_id = messages[j].get("tool_call_id")
+                if call_id is None:
+                    raise ChatEncodingError(f"messages[{j}]: a tool message needs tool_call_id, "
+                                            "the id of the call it answers")
                 if call_id not in pending_calls:
                     raise ChatEncodingError(
                         f"messages[{j}]: tool result for {call_id!r} has no matching call in "

@@ -22,6 +22,9 @@ class Tokenizer:
         self.special_ids = {t: vocab[t] for t in SPECIAL_TOKENS if t in vocab}
         self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        # the most characters one token stands for (a byte-level entry holds one character
+        # per byte), so a text of n characters is at least n / max_token_chars tokens
+        self.max_token_chars = max(len(t) for t in vocab)
 
     @classmethod
     def from_folder(cls, path: str | Path) -> Tokenizer:

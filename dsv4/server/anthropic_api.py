@@ -84,9 +84,15 @@ def _messages(system: str | list[TextBlock] | None,
             elif isinstance(block, ImageBlock):
                 raise APIError(f"{at}: this model reads text only; images are not supported",
                                param=at)
+            elif isinstance(block, ToolResultBlock):  # in an assistant message
+                raise APIError(f"{at}: a tool_result block is not allowed in an assistant "
+                               "message; put it in the user message that follows", param=at)
+            elif isinstance(block, ToolUseBlock):  # in a user message
+                raise APIError(f"{at}: a tool_use block is not allowed in a user message; "
+                               "tool calls are the assistant's", param=at)
             else:
-                raise APIError(f"{at}: a {block.type} block is not allowed in a {turn.role} "
-                               "message", param=at)
+                raise APIError(f"{at}: this model reads text only; {block.type} blocks are not "
+                               "supported", param=at)
         if turn.role == "assistant":
             msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
             if reasoning:
@@ -138,6 +144,7 @@ async def messages(body: MessagesRequest, request: Request):
     params = svc.sampling_params(
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         max_tokens=body.max_tokens, stop=body.stop_sequences, skip_special_tokens=False,
+        names={"stop": "stop_sequences"},
     )
     plan = _plan(svc, body, params)
     svc.check_length(len(plan.prompt_ids), params, "messages", "max_tokens")

@@ -69,6 +69,41 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class BodySizeMiddleware:
+    """A body larger than `max_bytes` gets 413 before it is read (by its Content-Length) or
+    as soon as it has grown past the limit (a chunked body)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, size: str) -> APIError:
+        return APIError(f"the request body is {size} bytes, more than this server accepts "
+                        f"({self.max_bytes}, --max-request-bytes)", status=413,
+                        code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            err = self._too_large(declared.decode())
+            await error_response(Request(scope), err)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise self._too_large(f"over {received}")
+            return message
+
+        await self.app(scope, limited, send)
+
+
 class RequestMetricsMiddleware:
     """Counts finished HTTP requests by route and status code."""
 
@@ -147,6 +182,7 @@ def create_app(
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    app.add_middleware(BodySizeMiddleware, max_bytes=args.max_request_bytes)
     app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

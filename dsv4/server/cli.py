@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=d["shutdown_timeout_s"].default,
                         dest="shutdown_timeout_s",
                         help="seconds in-flight requests get to finish on shutdown")
+    parser.add_argument("--max-request-bytes", type=int,
+                        default=d["max_request_bytes"].default,
+                        help="largest request body accepted; larger ones get 413")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads (default on the CPU: one fewer than the cores, "
                              "leaving one to the HTTP side)")

@@ -19,6 +19,8 @@ class ServerArgs:
       that would exceed it gets 429 with Retry-After.
     shutdown_timeout_s: on SIGTERM/SIGINT, how long in-flight requests may run to their end
       before they are aborted.
+    max_request_bytes: the largest request body accepted (413 beyond it). The default holds
+      a 1M-token prompt with room to spare.
     """
 
     model: str = str(BUNDLED_MODEL)
@@ -36,6 +38,7 @@ class ServerArgs:
     num_speculative_tokens: int = 0
     max_queue: int = 256
     shutdown_timeout_s: float = 30.0
+    max_request_bytes: int = 64 << 20
     torch_threads: int | None = None
     log_level: str = "info"
 
@@ -58,7 +61,7 @@ class ServerArgs:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         if not self.served_model_names:
             self.served_model_names = [folder.resolve().name]
-        for name in ("port", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("port", "max_num_seqs", "max_num_batched_tokens", "max_request_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServerArgs.{name}={value!r} must be a positive integer.")

@@ -96,40 +96,68 @@ def error_event_body(request: Request, err: APIError) -> dict:
 
 
 # pydantic's loc holds union-member tags ("str", "list[ContentBlock]", "function-after[...]")
-# besides field names; they are not fields a client wrote.
+# besides field names; they are not fields a client wrote. Without the body to check against,
+# these patterns are dropped.
 _TAG = re.compile(r"^(str|int|float|bool|list|dict|none|null)$|[\[\]()]|^function-|^json-or-")
+_NO_BODY = object()
 
 
-def field_path(loc: tuple | list) -> str | None:
-    """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
-    out = ""
-    for part in loc:
-        if part == "body" and not out:
-            continue
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and not _TAG.search(part):
-            out += f".{part}" if out else part
+def field_path(loc: tuple | list, body: Any = _NO_BODY) -> str | None:
+    """('body', 'messages', 0, 'content') -> 'messages[0].content'. Given the request body,
+    only the parts that index into it are kept (and a last, missing key), which drops union
+    members, tagged-union tags and model names ("tool_choice.NamedToolChoice")."""
+    parts = list(loc[1:] if loc and loc[0] == "body" else loc)
+    out, value = "", body
+    for i, part in enumerate(parts):
+        if body is _NO_BODY:
+            keep = isinstance(part, int) or not _TAG.search(str(part))
+        elif isinstance(part, int) and isinstance(value, list) and 0 <= part < len(value):
+            keep, value = True, value[part]
+        elif isinstance(part, str) and isinstance(value, dict) and part in value:
+            keep, value = True, value[part]
+        else:  # a missing field is named last; anything else indexes nothing the client sent
+            keep = isinstance(part, str) and isinstance(value, dict) and i == len(parts) - 1
+        if keep:
+            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
     return out or None
 
 
-def validation_error(errors: list[dict]) -> APIError:
+def _is_type_mismatch(err: dict) -> bool:
+    return str(err.get("type", "")).endswith("_type")
+
+
+def validation_error(errors: list[dict], body: Any = _NO_BODY) -> APIError:
     if not errors:
         return APIError("the request body is invalid")
     err = errors[0]
     if err.get("type") == "json_invalid":
         detail = (err.get("ctx") or {}).get("error", "")
         return APIError(f"the request body is not valid JSON ({detail})", code="invalid_json")
-    # A value that fits no member of a union yields one error per member; the one that got
-    # deepest into the value says most (a bad block inside a list beats "not a string").
-    first_path = field_path(err.get("loc", ()))
-    same_field = [e for e in errors
-                  if (field_path(e.get("loc", ())) or "").startswith(first_path or "")]
-    err = max(same_field or [err], key=lambda e: len(field_path(e.get("loc", ())) or ""))
-    param = field_path(err.get("loc", ()))
+
+    def path(e: dict) -> str:
+        return field_path(e.get("loc", ()), body) or ""
+
+    # A value that fits no member of a union yields one error per member. The one that got
+    # deepest into the value says most (a bad block inside a list beats "not a string"); at
+    # the same depth, a bad value ("at most 16 items") beats a wrong type; if every member
+    # refused the type, the message lists what each would take.
+    first = path(err)
+    same_field = [e for e in errors if path(e) == first or
+                  path(e).startswith((f"{first}.", f"{first}["))] or [err]
+    deepest = max(len(path(e)) for e in same_field)
+    tied = [e for e in same_field if len(path(e)) == deepest]
+    err = next((e for e in tied if not _is_type_mismatch(e)), tied[0])
     msg = str(err.get("msg", "is invalid"))
+    if _is_type_mismatch(err):
+        lead = "Input should be "
+        wanted = list(dict.fromkeys(str(e.get("msg", "")) for e in tied))
+        if len(wanted) > 1 and all(m.startswith(lead) for m in wanted):
+            msg = lead + ", or ".join(m[len(lead):] for m in wanted)
+    param = path(err) or None
     if param is None:
-        if err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        if err.get("type") == "missing":
+            msg = "the request body is empty; send the request as a JSON object"
+        elif err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
             msg = "the request body must be a JSON object"
         return APIError(msg, code="invalid_request_body")
     return APIError(f"{param}: {msg}", param=param, code="invalid_value")
@@ -142,7 +170,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(request, validation_error(list(exc.errors())))
+        body = getattr(exc, "body", None)
+        return error_response(request, validation_error(list(exc.errors()),
+                                                        _NO_BODY if body is None else body))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,7 +1,7 @@
 """Strict JSON request bodies: what Python's json module lets through but a server must not.
 
-Python parses NaN / Infinity and unpaired UTF-16 surrogate escapes ("\\ud800"); pydantic-core
-then fails on such strings with a UnicodeEncodeError (a 500). Routes built with
+Python parses NaN / Infinity, 1e400 (as inf) and unpaired UTF-16 surrogate escapes ("\\ud800");
+pydantic-core then fails on such strings with a UnicodeEncodeError (a 500). Routes built with
 `StrictJSONRoute` parse the body here first, so these become 400 "not valid JSON" errors that
 say where.
 """
@@ -9,11 +9,14 @@ say where.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+
+from dsv4.server.errors import APIError
 
 
 def lone_surrogate_path(value: Any, path: str = "") -> str | None:
@@ -42,10 +45,22 @@ def parse_json(body: bytes) -> Any:
     def no_constant(name: str) -> Any:
         raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
 
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise json.JSONDecodeError(f"{text} is too large for a float64", text, 0)
+        return value
+
     try:
-        value = json.loads(body, parse_constant=no_constant)
+        value = json.loads(body, parse_constant=no_constant, parse_float=finite)
     except UnicodeDecodeError as exc:
         raise json.JSONDecodeError(f"the body is not UTF-8 ({exc.reason})", "", 0) from None
+    except RecursionError:
+        raise json.JSONDecodeError("arrays or objects are nested too deeply", "", 0) from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise json.JSONDecodeError(str(exc), "", 0) from None
     where = lone_surrogate_path(value)
     if where is not None:
         raise json.JSONDecodeError(
@@ -66,6 +81,13 @@ class StrictJSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def strict(request: Request) -> Response:
-            return await handler(StrictJSONRequest(request.scope, request.receive))
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind and kind != "application/json" and not kind.endswith("+json"):
+                raise APIError(f"the body must be JSON sent as Content-Type: application/json, "
+                               f"not {kind!r}", status=415, code="unsupported_media_type")
+            strict_request = StrictJSONRequest(request.scope, request.receive)
+            await strict_request.body()  # read here, so that a body over the size limit gets
+            # its 413 rather than FastAPI's "error parsing the body"
+            return await handler(strict_request)
 
         return strict

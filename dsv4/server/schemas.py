@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 16
 MAX_N = 128
@@ -63,7 +63,7 @@ class ContentPart(_Object):
 
 
 class ToolCallFunction(_Object):
-    name: str
+    name: ToolName
     arguments: str | dict[str, Any] = ""
 
 
@@ -207,7 +207,7 @@ class RedactedThinkingBlock(_Object):
 class ToolUseBlock(_Object):
     type: Literal["tool_use"]
     id: str
-    name: str
+    name: ToolName
     input: dict[str, Any]
 
 
@@ -243,6 +243,15 @@ class AnthropicTool(_Object):
     description: str | None = None
     input_schema: dict[str, Any]
     type: Literal["custom"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _custom_only(cls, value: Any) -> Any:
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind not in (None, "custom"):
+            raise ValueError(f"tool type {kind!r} is one of Anthropic's server tools, which "
+                             "this server does not run; send custom tools (name, input_schema)")
+        return value
 
     @field_validator("input_schema")
     @classmethod

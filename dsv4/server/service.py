@@ -203,8 +203,10 @@ class Service:
                                                         reasoning_effort=effort)
             else:
                 prompt = encode_messages(rendered, thinking_mode, reasoning_effort=effort)
-        except ChatEncodingError as exc:
-            raise APIError(str(exc), param="messages") from None
+        except ChatEncodingError as exc:  # its message starts with the message at fault
+            where = str(exc).split(":")[0]
+            raise APIError(str(exc), param=where if where.startswith("messages[") else
+                           "messages") from None
         prefill = self._prefill(tool_choice, names, thinking_mode, prompt + continued)
         return prompt, continued, prefill
 
@@ -245,7 +247,7 @@ class Service:
             # ends the answer at the call's closing tag, whatever min_tokens asked for
             params = replace(params, stop_after=[*params.stop_after, INVOKE_END], min_tokens=0)
         return Plan(
-            prompt_ids=self.tokenizer.encode(text),
+            prompt_ids=self._encode(text, "messages"),
             params=params,
             thinking_mode=thinking_mode,
             continued=continued,
@@ -255,11 +257,24 @@ class Service:
             prompt_text=text,
         )
 
+    def _encode(self, text: str, param: str) -> list[int]:
+        """Token ids of `text`. A text too long for the context, however it is split, is
+        refused before tokenisation, which would hold up every other request meanwhile."""
+        limit = self.engine.max_seq_len
+        at_least = len(text) // self.tokenizer.max_token_chars
+        if at_least >= limit:
+            raise APIError(
+                f"the prompt is {len(text)} characters, at least {at_least} tokens, but this "
+                f"model's context holds {limit} tokens (prompt + output); shorten the prompt",
+                param=param, code="context_length_exceeded",
+            )
+        return self.tokenizer.encode(text)
+
     def encode_text_prompt(self, prompt: str | list[int]) -> list[int]:
         """A raw completion prompt: text gets the BOS the model was trained with (unless it
         already starts with it); token ids are taken as they are."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt if prompt.startswith(BOS) else BOS + prompt)
+            return self._encode(prompt if prompt.startswith(BOS) else BOS + prompt, "prompt")
         vocab = self.engine.engine.runner.vocab_size
         bad = [t for t in prompt if t >= vocab]
         if bad:
