@@ -41,6 +41,18 @@ def lone_surrogate_path(value: Any, path: str = "") -> str | None:
     return None
 
 
+MAX_DEPTH = 128  # nesting of arrays and objects; deeper bodies would exhaust the stack later,
+# when a tool call's arguments are rendered into the prompt
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
 def parse_json(body: bytes) -> Any:
     def no_constant(name: str) -> Any:
         raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
@@ -53,15 +65,18 @@ def parse_json(body: bytes) -> Any:
 
     try:
         value = json.loads(body, parse_constant=no_constant, parse_float=finite)
+        if _depth(value) > MAX_DEPTH:
+            raise RecursionError
+        where = lone_surrogate_path(value)
     except UnicodeDecodeError as exc:
         raise json.JSONDecodeError(f"the body is not UTF-8 ({exc.reason})", "", 0) from None
     except RecursionError:
-        raise json.JSONDecodeError("arrays or objects are nested too deeply", "", 0) from None
+        raise json.JSONDecodeError(f"arrays or objects are nested more than {MAX_DEPTH} deep",
+                                   "", 0) from None
     except json.JSONDecodeError:
         raise
     except ValueError as exc:  # e.g. an integer of more than 4,300 digits
         raise json.JSONDecodeError(str(exc), "", 0) from None
-    where = lone_surrogate_path(value)
     if where is not None:
         raise json.JSONDecodeError(
             f"{where} holds an unpaired UTF-16 surrogate escape, which is not valid Unicode",
