@@ -107,6 +107,14 @@ def test_over_long_prompt_rejected_at_once_naming_both_lengths(hf_model):
     with pytest.raises(ValueError, match=r"SamplingParams.stop and stop_after need text"):
         eng.add_request([5], SamplingParams(stop=["x"]))
     assert not eng.has_unfinished_requests()
+    for bad in ([1.9, 2.7], {"ids": [1]}, None, [], ["5"]):
+        with pytest.raises(ValueError, match="prompt"):
+            eng.add_request(bad)
+    # a bad prompt in a batch leaves nothing queued: the next call runs only its own prompts
+    with pytest.raises(ValueError):
+        eng.generate([[5, 6], [5, 300]], SamplingParams(max_tokens=2))
+    assert not eng.has_unfinished_requests()
+    assert len(eng.generate([[5, 6]], SamplingParams(max_tokens=2))) == 1
 
 
 def test_abort_and_async_stream(hf_model):

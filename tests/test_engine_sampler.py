@@ -33,6 +33,19 @@ def _batch(params, outputs=None, prompts=None, eos=None):
         ({"presence_penalty": 3.0}, "presence_penalty"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"stop": ["a", ""]}, "stop"),
+        # wrong types: named, not a bare TypeError from a comparison (or a request that fails
+        # later, inside a step, and stays queued)
+        ({"logprobs": 2.5}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
+        ({"stop": [1]}, "stop"),
+        ({"temperature": "1"}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": None}, "top_p"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"top_k": 2.0}, "top_k"),
+        ({"seed": "7"}, "seed"),
+        ({"ignore_eos": "no"}, "ignore_eos"),
+        ({"stop_token_ids": [1.5]}, "stop_token_ids"),
     ],
 )
 def test_sampling_params_rejects_bad_values_naming_the_field(kwargs, field):
@@ -43,6 +56,8 @@ def test_sampling_params_rejects_bad_values_naming_the_field(kwargs, field):
 def test_sampling_params_normalises():
     p = SamplingParams(stop="###", top_k=-1)
     assert p.stop == ["###"] and p.top_k == 0
+    p = SamplingParams(stop=None, stop_token_ids=7)
+    assert p.stop == [] and p.stop_token_ids == [7]
     children = [SamplingParams(n=3, seed=7).for_child(i) for i in range(3)]
     assert [c.seed for c in children] == [7, 8, 9] and all(c.n == 1 for c in children)
 

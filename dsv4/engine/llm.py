@@ -120,6 +120,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order. A single prompt may be passed bare."""
+        if hasattr(prompts, "tolist"):  # a tensor or array of token ids
+            prompts = prompts.tolist()
+        if not isinstance(prompts, (str, list, tuple)):
+            raise ValueError(f"prompts must be a string, a list of token ids or a list of "
+                             f"those, got {type(prompts).__name__}")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         return self.engine.generate(prompts, sampling_params)  # type: ignore[arg-type]

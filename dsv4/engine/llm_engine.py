@@ -104,7 +104,9 @@ class LLMEngine:
             # `tokenizers.Tokenizer.encode` returns an Encoding, transformers' a list of ids
             prompt_ids = list(getattr(encoded, "ids", encoded))
         else:
-            prompt_ids = [int(t) for t in prompt]
+            prompt_ids = _token_ids(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token")
         vocab = self.runner.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -270,21 +272,21 @@ class LLMEngine:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts.")
         ids = []
+        results: dict[str, RequestOutput] = {}
         try:
             for p, sp in zip(prompts, params):
                 ids.append(self.add_request(p, sp))
-        except ValueError:
+            wanted = set(ids)
+            while wanted - results.keys():
+                if not self.has_unfinished_requests():  # only if a request was lost
+                    raise RuntimeError(f"requests {sorted(wanted - results.keys())} vanished")
+                for out in self.step():
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out
+        except BaseException:  # a bad prompt, Ctrl-C, an error in a step: leave nothing queued
             for rid in ids:
                 self.abort(rid)
             raise
-        results: dict[str, RequestOutput] = {}
-        wanted = set(ids)
-        while wanted - results.keys():
-            if not self.has_unfinished_requests():  # cannot happen unless a request was lost
-                raise RuntimeError(f"requests {sorted(wanted - results.keys())} vanished")
-            for out in self.step():
-                if out.finished and out.request_id in wanted:
-                    results[out.request_id] = out
         return [results[rid] for rid in ids]
 
     def iter_outputs(self, request_id: str) -> Iterator[RequestOutput]:
@@ -335,3 +337,16 @@ def _completion(req: Request, index: int) -> CompletionOutput:
         finish_reason=req.finish_reason,
         stop_reason=req.stop_reason,
     )
+
+
+def _token_ids(prompt: object) -> list[int]:
+    """A prompt given as token ids: a sequence of integers (a 1-D integer tensor too)."""
+    if hasattr(prompt, "tolist"):  # torch or numpy
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        raise ValueError(
+            f"a prompt must be a string or a list of integer token ids, got {prompt!r:.80}"
+        )
+    return list(prompt)

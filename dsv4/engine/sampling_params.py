@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # the OpenAI API allows at most 20 top_logprobs
@@ -44,85 +45,54 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop)
-        self.stop_after = list(self.stop_after)
-        self.stop_token_ids = list(self.stop_token_ids)
+        for name in ("stop", "stop_after", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is None:
+                value = []
+            elif isinstance(value, (str, int)) and name != "stop_after":
+                value = [value]  # one stop string or one stop token id
+            _check(isinstance(value, (list, tuple)), name, value, "must be a list")
+            setattr(self, name, list(value))
         if self.top_k == -1:
             self.top_k = 0
-        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "must be an integer >= 1")
-        _check(
-            self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0 (0 = greedy)"
-        )
+        _check(_integer(self.n) and self.n >= 1, "n", self.n, "must be an integer >= 1")
+        _check(_number(self.temperature) and self.temperature >= 0.0, "temperature",
+               self.temperature, "must be a finite number >= 0 (0 = greedy)")
         if self.temperature < GREEDY_BELOW:
             self.temperature = 0.0
-        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
-        _check(
-            isinstance(self.top_k, int) and self.top_k >= 0,
-            "top_k",
-            self.top_k,
-            "must be 0 or -1 (disabled) or a positive integer",
-        )
-        _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
-        _check(
-            -2.0 <= self.presence_penalty <= 2.0,
-            "presence_penalty",
-            self.presence_penalty,
-            "must be in [-2, 2]",
-        )
-        _check(
-            -2.0 <= self.frequency_penalty <= 2.0,
-            "frequency_penalty",
-            self.frequency_penalty,
-            "must be in [-2, 2]",
-        )
-        _check(
-            self.repetition_penalty > 0.0,
-            "repetition_penalty",
-            self.repetition_penalty,
-            "must be > 0 (1 = off)",
-        )
-        _check(
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-            "max_tokens",
-            self.max_tokens,
-            "must be a positive integer or None",
-        )
-        _check(
-            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
-            "min_tokens",
-            self.min_tokens,
-            "must be a non-negative integer",
-        )
+        _check(_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", self.top_p,
+               "must be in (0, 1]")
+        _check(_integer(self.top_k) and self.top_k >= 0, "top_k", self.top_k,
+               "must be 0 or -1 (disabled) or a positive integer")
+        _check(_number(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", self.min_p,
+               "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_number(value) and -2.0 <= value <= 2.0, name, value, "must be in [-2, 2]")
+        _check(_number(self.repetition_penalty) and self.repetition_penalty > 0.0,
+               "repetition_penalty", self.repetition_penalty, "must be > 0 (1 = off)")
+        _check(self.max_tokens is None or (_integer(self.max_tokens) and self.max_tokens >= 1),
+               "max_tokens", self.max_tokens, "must be a positive integer or None")
+        _check(_integer(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
+               self.min_tokens, "must be a non-negative integer")
         if self.max_tokens is not None:
-            _check(
-                self.min_tokens <= self.max_tokens,
-                "min_tokens",
-                self.min_tokens,
-                f"must be <= max_tokens ({self.max_tokens})",
-            )
-        _check(
-            self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-            "logprobs",
-            self.logprobs,
-            f"must be None or in [0, {MAX_LOGPROBS}]",
-        )
-        _check(all(s for s in self.stop), "stop", self.stop, "must not contain empty strings")
-        _check(all(s for s in self.stop_after), "stop_after", self.stop_after,
-               "must not contain empty strings")
-        _check(
-            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-            "stop_token_ids",
-            self.stop_token_ids,
-            "must be non-negative token ids",
-        )
-        _check(
-            self.seed is None or isinstance(self.seed, int),
-            "seed",
-            self.seed,
-            "must be an integer or None",
-        )
+            _check(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+                   f"must be <= max_tokens ({self.max_tokens})")
+        _check(self.logprobs is None or (_integer(self.logprobs) and
+                                         0 <= self.logprobs <= MAX_LOGPROBS),
+               "logprobs", self.logprobs,
+               f"must be None or an integer in [0, {MAX_LOGPROBS}] (alternatives per token)")
+        for name in ("stop", "stop_after"):
+            value = getattr(self, name)
+            _check(all(isinstance(s, str) and s for s in value), name, value,
+                   "must hold non-empty strings only")
+        _check(all(_integer(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               self.stop_token_ids, "must be non-negative token ids")
+        _check(self.seed is None or _integer(self.seed), "seed", self.seed,
+               "must be an integer or None")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
+                   "must be True or False")
 
     @property
     def is_greedy(self) -> bool:
@@ -143,6 +113,15 @@ class SamplingParams:
 
         seed = None if self.seed is None else self.seed + index
         return replace(self, n=1, seed=seed)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:
