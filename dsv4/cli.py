@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module that defines `add_arguments(parser)` and `run(args)`, one-line help)
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
-    except ValueError as exc:  # user mistakes: say what and how to fix, no traceback
+    except BrokenPipeError:  # `dsv4 plan --json | head`: the reader has gone, nothing failed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, OSError) as exc:  # user mistakes (bad values, missing or unwritable
+        # files): say what and how to fix, no traceback
         print(f"dsv4 {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -116,7 +116,26 @@ def test_time_limit_ends_the_schedule():
     assert result["seconds"] < 2.0 + 5.0  # the step running at the limit finishes
 
 
-@pytest.mark.parametrize("field, value", [("steps", 0), ("weight_decay", -0.1), ("time_limit", 0)])
+@pytest.mark.parametrize("field, value", [
+    ("steps", 0), ("weight_decay", -0.1), ("time_limit", 0),
+    ("lr", float("nan")), ("adamw_lr", float("inf")), ("weight_decay", float("nan")),
+])  # lr=nan trained a model of NaN weights and exited 0
 def test_bad_training_settings_are_refused_before_any_work(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--out", "/proc/dsv4-nope"], "--out /proc/dsv4-nope: cannot write"),
+    (["--out", "{tmp}/m", "--bf16-out", "/proc/dsv4-nope"], "--bf16-out"),
+    (["--out", "{tmp}/m", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--out", "{tmp}/m", "--config", "{tmp}/missing.json"], "no config.json at"),
+])
+def test_train_command_fails_before_training_when_it_could_not_finish(tmp_path, capsys, flags,
+                                                                      says):
+    from dsv4.cli import main
+
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert main(["train", *flags, "--steps", "1", "--num-examples", "20000"]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "m" / "model.safetensors").exists()

@@ -53,9 +53,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
+def _writable_folder(path: str, option: str) -> None:
+    """Fail before training, not after it, when the model could not be saved."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".dsv4-write-test").touch()
+        (folder / ".dsv4-write-test").unlink()
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot write there ({exc.strerror or exc}); "
+                         "pick a folder you can write to") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    from dsv4.platforms import get_platform
+
     model_args = ModelArgs(**TINY_CONFIG) if args.config == "tiny" else \
         ModelArgs.from_json(args.config)
+    get_platform(args.device)  # an unknown or absent device fails now, not after the data
+    _writable_folder(args.out, "--out")
+    if args.bf16_out is not None:
+        _writable_folder(args.bf16_out, "--bf16-out")
     cfg = TrainConfig(steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr,
                       micro_batches=args.micro_batches,
                       adamw_lr=args.adamw_lr, num_examples=args.num_examples,

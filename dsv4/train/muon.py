@@ -57,7 +57,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95,
                  weight_decay: float = 0.0, ns_steps: int = 5, nesterov: bool = True):
-        if lr <= 0:
+        if not lr > 0:  # NaN too
             raise ValueError(f"Muon lr must be positive, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"Muon momentum must be in [0, 1), got {momentum}")

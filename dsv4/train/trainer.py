@@ -53,9 +53,15 @@ class TrainConfig:
         for name in ("steps", "batch_tokens", "micro_batches", "num_examples", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.weight_decay < 0:
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.time_limit is not None and self.time_limit <= 0:
+        for name in ("lr", "adamw_lr"):  # NaN fails these comparisons too
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"TrainConfig.{name} must be a positive number, got "
+                                 f"{getattr(self, name)}")
+        for name in ("weight_decay", "mtp_weight", "bias_update_rate"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"TrainConfig.{name} must be a number >= 0, got "
+                                 f"{getattr(self, name)}")
+        if self.time_limit is not None and not 0 < self.time_limit < math.inf:
             raise ValueError(f"TrainConfig.time_limit must be > 0 seconds, got {self.time_limit}")
 
 
