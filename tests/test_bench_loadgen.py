@@ -58,6 +58,11 @@ def test_bad_shapes_are_user_errors():
         LoadShape(num_prompts=3, duration_s=1.0)
     with pytest.raises(ValueError, match="concurrency"):
         LoadShape(duration_s=1.0)
+    for bad in (dict(duration_s=math.nan), dict(duration_s=math.inf), dict(num_prompts=0),
+                dict(num_prompts=1, request_rate=math.nan),
+                dict(num_prompts=1, burstiness=math.nan)):
+        with pytest.raises(ValueError, match="--"):  # NaN ran forever, or wrote NaN results
+            LoadShape(concurrency=1, **bad)
 
 
 class SleepyServer:

@@ -169,6 +169,8 @@ async def _run_once(args: argparse.Namespace, concurrency: int | None,
 
     if args.num_prompts is None and args.duration is None:
         args.num_prompts = 100
+    if not 0 < args.timeout < math.inf:
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     shape = LoadShape(concurrency=concurrency, request_rate=args.request_rate,
                       burstiness=args.burstiness, num_prompts=args.num_prompts,
                       duration_s=args.duration, num_warmups=args.num_warmups, seed=args.seed)

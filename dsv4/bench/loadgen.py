@@ -30,9 +30,9 @@ def gamma_intervals_s(
     num: int, request_rate: float, burstiness: float, rng: np.random.Generator
 ) -> np.ndarray:
     """`num` inter-arrival gaps in seconds; zeros for an infinite rate."""
-    if request_rate <= 0:
+    if not request_rate > 0:  # NaN too
         raise ValueError(f"--request-rate must be positive (or inf), got {request_rate}")
-    if burstiness <= 0:
+    if not burstiness > 0:
         raise ValueError(f"--burstiness must be positive, got {burstiness}")
     if math.isinf(request_rate):
         return np.zeros(num)
@@ -68,8 +68,11 @@ class LoadShape:
             raise ValueError("give exactly one of --num-prompts and --duration")
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError(f"--concurrency must be at least 1, got {self.concurrency}")
-        if self.duration_s is not None and self.duration_s <= 0:
-            raise ValueError(f"--duration must be positive, got {self.duration_s}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"--num-prompts must be at least 1, got {self.num_prompts}")
+        if self.duration_s is not None and not 0 < self.duration_s < math.inf:
+            raise ValueError(f"--duration must be a positive number of seconds, got "
+                             f"{self.duration_s}")
         if self.num_warmups < 0:
             raise ValueError(f"--num-warmups must be >= 0, got {self.num_warmups}")
         if math.isinf(self.request_rate) and self.concurrency is None and self.duration_s:
