@@ -65,7 +65,8 @@ def test_v4_pro_needs_27_percent_of_v32_flops_at_1m_context():
 def test_decode_ceiling_is_above_sglang_v4_flash_on_h200():
     # LMSYS / SGLang day-0 V4 post: 266 tok/s per request for V4-Flash on H200 at 4K context
     r = predict(Deployment(ModelSpec.from_name("v4-flash"), get_hardware("h200"), devices=4,
-                           tp=4, context=4096, concurrency=1, kv_dtype="fp8",
+                           tp=4, context=4096, input_len=3072, output_len=1024,
+                           concurrency=1, kv_dtype="fp8",
                            indexer_dtype="fp4"))
     assert r["decode_tokens_per_s_per_sequence"] > 266
     assert r["tpot_ms_lower_bound"] < 1000 / 266
@@ -75,7 +76,8 @@ def test_per_npu_ceiling_is_above_cloudmatrix384_for_r1_on_910c():
     # CloudMatrix384 (arXiv 2506.12708): DeepSeek-R1 INT8, 1943 decode tok/s per 910C at
     # TPOT < 50 ms with ~96 sequences per die, and 6688 prefill tok/s per 910C
     r = predict(Deployment(ModelSpec.from_name("v3"), get_hardware("ascend-910c"), devices=160,
-                           context=4096, concurrency=160 * 192, kv_dtype="fp8"))
+                           context=4096, input_len=3072, output_len=1024,
+                           concurrency=160 * 192, kv_dtype="fp8"))
     assert r["storage_plan"] == "int8"
     assert r["decode_tokens_per_s_per_device"] > 1943
     assert r["tpot_ms_lower_bound"] < 50
@@ -134,6 +136,11 @@ def test_bad_input_names_the_problem(capsys):
     assert "unknown model 'v9'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="multiple of --tp"):
         Deployment(ModelSpec.from_name("v4-flash"), get_hardware("h100"), devices=8, tp=3)
+    # impossible deployments printed numbers: a prompt longer than the sequence, a price < 0
+    assert main(["plan", "--input-len", "2000000", "--context", "4096"]) == 2
+    assert "must fit the context (4096" in capsys.readouterr().err
+    assert main(["plan", "--price-per-hour", "-5"]) == 2
+    assert "price per hour" in capsys.readouterr().err
     assert all(hw.source and hw.figure_kind in ("official", "reported")
                for hw in load_catalogue().values())
 

@@ -130,6 +130,8 @@ def _sweep(args: argparse.Namespace, hw_ids: list[str]) -> list[dict]:
     for hw_id in hw_ids:
         xs, tps, tpot = [], [], []
         for value in SWEEPS[key]:
+            if key == "context" and value < args.input_len + args.output_len:
+                continue  # the request would not fit a sequence of this length
             r = predict(_deployment(args, hw_id, **{key: value}))
             rows.append(r)
             if r["fits"] and r["concurrency"]:

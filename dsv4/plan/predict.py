@@ -44,6 +44,12 @@ class Deployment:
             raise ValueError(f"utilization must be in (0, 1], got {self.utilization}")
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.input_len + self.output_len > self.context:
+            raise ValueError(f"input_len + output_len ({self.input_len} + {self.output_len}) "
+                             f"must fit the context ({self.context} tokens per sequence)")
+        price = self.price_per_hour_usd
+        if price is not None and not 0 <= price < math.inf:
+            raise ValueError(f"price per hour must be a number >= 0, got {price}")
 
 
 def _comm_s(d: Deployment, tokens: int) -> float:
