@@ -766,3 +766,7 @@ def test_cli_refuses_a_folder_without_a_model(tmp_path, capsys):
 
     assert main(["serve", "--model", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+    # bad options fail before the model is loaded, naming the option
+    for flag, value in (("--port", "70000"), ("--shutdown-timeout", "nan")):
+        assert main(["serve", flag, value]) == 2
+        assert flag.lstrip("-").replace("-", "_").split("_")[0] in capsys.readouterr().err

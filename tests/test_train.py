@@ -139,3 +139,12 @@ def test_train_command_fails_before_training_when_it_could_not_finish(tmp_path, 
     assert main(["train", *flags, "--steps", "1", "--num-examples", "20000"]) == 2
     assert says in capsys.readouterr().err
     assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_eval_command_refuses_what_it_cannot_measure(tmp_path, capsys):
+    from dsv4.cli import main
+
+    assert main(["eval", "--num-examples", "0"]) == 2  # scored nothing and exited 0
+    assert "--num-examples must be at least 1" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err

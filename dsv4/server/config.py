@@ -67,7 +67,9 @@ class ServerArgs:
                 raise ValueError(f"ServerArgs.{name}={value!r} must be a positive integer.")
         if self.max_queue < 0:
             raise ValueError(f"ServerArgs.max_queue={self.max_queue} must be >= 0.")
-        if self.shutdown_timeout_s < 0:
+        if self.port > 65535:
+            raise ValueError(f"ServerArgs.port={self.port} must be at most 65535.")
+        if not 0 <= self.shutdown_timeout_s < float("inf"):  # NaN too
             raise ValueError(
                 f"ServerArgs.shutdown_timeout_s={self.shutdown_timeout_s} must be >= 0."
             )

@@ -141,6 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.num_examples < 1:
+        raise ValueError(f"--num-examples must be at least 1, got {args.num_examples}")
     if not Path(args.model, "config.json").is_file():
         raise ValueError(f"{args.model} is not a model folder (no config.json); train one with "
                          "`dsv4 train --out DIR` or pass --model")
