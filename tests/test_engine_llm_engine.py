@@ -195,3 +195,13 @@ def test_cache_layout_for_the_released_flash_config():
     # balanced: the slots and blocks serve the same number of 32k-token requests
     per_seq_blocks = layout.blocks_needed(32768)
     assert layout.num_blocks // per_seq_blocks == layout.num_state_slots
+
+
+def test_llm_refuses_a_context_longer_than_the_model_and_an_empty_cache():
+    from dsv4.engine.llm import LLM
+    from dsv4.train.evaluate import BUNDLED
+
+    with pytest.raises(ValueError, match=r"max_model_len=1000000000 .*=65536"):
+        LLM(model=str(BUNDLED), device="cpu", dtype="fp32", max_model_len=10**9)
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes"):  # was the 1 GiB default
+        LLM(model=str(BUNDLED), device="cpu", dtype="fp32", kv_cache_memory_bytes=0)

@@ -71,7 +71,8 @@ class LLM:
             kv_cache_dtype=kv_cache_dtype,
             block_size=block_size,
             num_speculative_tokens=num_speculative_tokens,
-            **({"kv_cache_memory_bytes": kv_cache_memory_bytes} if kv_cache_memory_bytes else {}),
+            **({"kv_cache_memory_bytes": kv_cache_memory_bytes}
+               if kv_cache_memory_bytes is not None else {}),
         )
         if runner is None:
             if model is None:

@@ -88,7 +88,11 @@ class V4ModelRunner(ModelRunner):
     def for_model(cls, model: Transformer, config: EngineConfig) -> V4ModelRunner:
         spec = CacheSpec.from_config(model.args, config.kv_cache_dtype,
                                      num_mtp_layers=config.num_speculative_tokens)
-        max_len = config.max_model_len or model.args.max_position_embeddings
+        trained = model.args.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > trained:
+            raise ValueError(f"max_model_len={config.max_model_len} is longer than this model's "
+                             f"context (max_position_embeddings={trained}); use at most that")
+        max_len = config.max_model_len or trained
         layout = plan_layout(spec, config.kv_cache_memory_bytes, config.max_num_seqs,
                              reference_seq_len=min(config.reference_seq_len, max_len),
                              block_size=config.block_size)
