@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -30,12 +31,23 @@ def test_released_configs_load_with_every_field():
     ({"o_groups": 7}, "o_groups"),
     ({"scoring_func": "softmax"}, "scoring_func"),
     ({"rope_scaling": {"type": "linear", "factor": 2}}, "rope_scaling"),
+    # types and signs, named before the checks that combine fields (hidden_size 0 was taken,
+    # num_hidden_layers -1 was blamed on num_hash_layers, a string on int())
+    ({"hidden_size": 0}, "hidden_size=0"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers=-1"),
+    ({"head_dim": 1.5}, "head_dim=1.5"),
+    ({"vocab_size": "129280"}, "vocab_size='129280'"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"compress_ratios": "abc"}, "compress_ratios='abc'"),
+    ({"rope_scaling": "yarn"}, "rope_scaling='yarn'"),
 ])
 def test_bad_config_fields_are_named(change, field):
     config = json.loads(open("tests/data/configs/deepseek-v4-flash.config.json").read())
     config.update(change)
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=re.escape(field)):
         ModelArgs.from_dict(config)
+    with pytest.raises(ValueError, match="JSON object"):
+        ModelArgs.from_dict([1, 2])
 
 
 @pytest.mark.parametrize("preset, total, active", [

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "configs"
 PRESETS = {"v4-flash": "v4-flash.json", "v4-pro": "v4-pro.json"}
 ATTENTION_RATIOS = (0, 4, 128)  # sliding window only, CSA, HCA
+MAY_BE_ZERO = frozenset({"num_hidden_layers", "n_shared_experts", "num_hash_layers",
+                         "num_nextn_predict_layers",
+                         "bos_token_id", "eos_token_id"})
 
 # Keys of released configs that describe the Hugging Face wrapper, not the network.
 IGNORED_KEYS = frozenset(
@@ -76,10 +80,10 @@ class ModelArgs:
     expert_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         n = self.num_hidden_layers
-        if not self.compress_ratios:
-            self.compress_ratios = [0] * (n + self.num_nextn_predict_layers)
-        self.compress_ratios = [int(r) for r in self.compress_ratios]
+        self.compress_ratios = list(self.compress_ratios) or \
+            [0] * (n + self.num_nextn_predict_layers)
         expected = n + self.num_nextn_predict_layers
         if len(self.compress_ratios) != expected:
             raise ValueError(
@@ -132,6 +136,29 @@ class ModelArgs:
                 if key not in self.rope_scaling:
                     raise ValueError(f"rope_scaling is missing {key!r}")
 
+    def _check_types(self) -> None:
+        """Each field has its type and a sensible sign, before the checks that combine them."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                low = 0 if f.name in MAY_BE_ZERO else 1
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+                rule = f"an integer >= {low}"
+            elif f.type == "float":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                    0 < value < math.inf
+                rule = "a positive number"
+            elif f.type == "list[int]":
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value)
+                rule = "a list of integers"
+            elif f.type == "dict | None":
+                ok, rule = value is None or isinstance(value, dict), "an object or null"
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"config field {f.name}={value!r} is invalid: it must be {rule}")
+
     # ------------------------------------------------------------------ derived
 
     @property
@@ -151,6 +178,9 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict) -> ModelArgs:
+        if not isinstance(config, dict):
+            raise ValueError(f"a config must be a JSON object of fields, got "
+                             f"{type(config).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known - IGNORED_KEYS)
         if unknown:
