@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import operator
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -340,13 +341,14 @@ def _completion(req: Request, index: int) -> CompletionOutput:
 
 
 def _token_ids(prompt: object) -> list[int]:
-    """A prompt given as token ids: a sequence of integers (a 1-D integer tensor too)."""
+    """A prompt given as token ids: a sequence of integers (numpy's or a 1-D tensor too)."""
     if hasattr(prompt, "tolist"):  # torch or numpy
         prompt = prompt.tolist()
-    if not isinstance(prompt, (list, tuple)) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in prompt
-    ):
+    try:
+        if not isinstance(prompt, (list, tuple)) or any(isinstance(t, bool) for t in prompt):
+            raise TypeError
+        return [operator.index(t) for t in prompt]  # floats and strings are not ids
+    except TypeError:
         raise ValueError(
             f"a prompt must be a string or a list of integer token ids, got {prompt!r:.80}"
-        )
-    return list(prompt)
+        ) from None

@@ -16,7 +16,8 @@ class SamplingParams:
 
     temperature 0 (or below GREEDY_BELOW) means greedy (exact argmax of the penalised logits).
     Penalties: presence and frequency count generated tokens only (OpenAI semantics);
-    repetition_penalty counts prompt and generated tokens (Hugging Face semantics: positive logits divided, negative multiplied).
+    repetition_penalty counts prompt and generated tokens (Hugging Face semantics: positive
+    logits divided, negative multiplied).
     `logprobs` is how many top alternatives to return per generated token (0 = only the chosen
     token's logprob, None = no logprobs); the values are those of the model's raw distribution
     (log_softmax of the logits before penalties, temperature and truncation), as vLLM returns by
