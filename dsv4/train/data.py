@@ -161,25 +161,9 @@ def _digits_reasoning_add(a: int, b: int) -> str:
     return f"{_column_addition(a, b)} So {a} + {b} = {a + b}."
 
 
-def _comparison(a: int, b: int) -> str:
-    """Which of a and b is larger, digit by digit from the left. Each digit pair is written
-    out before it is compared ("4 and 5, 4 < 5"), so the model decides with both digits in view:
-    deciding on the first token ("53 is larger than 47") was where a small model went wrong."""
-    width = max(len(str(a)), len(str(b)))
-    steps = []
-    for x, y in zip(str(a).zfill(width), str(b).zfill(width)):
-        sign = "<" if x < y else ">" if x > y else "="
-        steps.append(f"{x} and {y}, {x} {sign} {y}")
-        if sign != "=":
-            break
-    return f"Compare {a} with {b} digit by digit: " + "; ".join(steps) + \
-        f", so {a} {sign} {b}"
-
-
 def _column_subtraction(a: int, b: int) -> str:
     """Right-to-left column subtraction of b from a (a >= b), borrowing as on paper; a borrow
-    is taken from the next column in its own two-operand step. Each column names its two
-    digits before deciding whether to borrow ("2 - 8: 2 < 8, borrow")."""
+    is taken from the next column in its own two-operand step."""
     steps, borrow = [], 0
     da, db = str(a)[::-1], str(b)[::-1]
     for i, digit in enumerate(da):
@@ -187,20 +171,19 @@ def _column_subtraction(a: int, b: int) -> str:
         top = x - borrow
         paid = f"{x} - 1 = {top}, " if borrow else ""
         if top < y:
-            steps.append(f"{paid}{top} - {y}: {top} < {y}, borrow: {top + 10} - {y} = "
-                         f"{top + 10 - y}, write {top + 10 - y}")
+            steps.append(f"{paid}{top} < {y}, borrow: {top + 10} - {y} = {top + 10 - y}, "
+                         f"write {top + 10 - y}")
             borrow = 1
         else:
-            steps.append(f"{paid}{top} - {y}: {top} >= {y}, {top} - {y} = {top - y}, "
-                         f"write {top - y}")
+            steps.append(f"{paid}{top} - {y} = {top - y}, write {top - y}")
             borrow = 0
     return f"Subtract {b} from {a} column by column: " + "; ".join(steps) + "."
 
 
 def _digits_reasoning_sub(a: int, b: int) -> str:
     if a >= b:
-        return f"{_comparison(a, b)}. {_column_subtraction(a, b)} So {a} - {b} = {a - b}."
-    return f"{_comparison(a, b)}, and the result is negative. {_column_subtraction(b, a)} " \
+        return f"{_column_subtraction(a, b)} So {a} - {b} = {a - b}."
+    return f"{b} is larger than {a}, so the result is negative. {_column_subtraction(b, a)} " \
         f"So {b} - {a} = {b - a} and {a} - {b} = {a - b}."
 
 
