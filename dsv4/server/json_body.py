@@ -19,8 +19,15 @@ from fastapi.routing import APIRoute
 from dsv4.server.errors import APIError
 
 
-def lone_surrogate_path(value: Any, path: str = "") -> str | None:
-    """Where the first string (key or value) holding an unpaired surrogate is, else None."""
+MAX_DEPTH = 128  # nesting of arrays and objects; deeper bodies would exhaust the stack later,
+# when a tool call's arguments are rendered into the prompt
+
+
+def lone_surrogate_path(value: Any, path: str = "", depth: int = 0) -> str | None:
+    """Where the first string (key or value) holding an unpaired surrogate is, else None.
+    The same walk refuses nesting deeper than MAX_DEPTH (RecursionError)."""
+    if depth > MAX_DEPTH:
+        raise RecursionError
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -30,27 +37,15 @@ def lone_surrogate_path(value: Any, path: str = "") -> str | None:
         for key, item in value.items():
             sub = f"{path}.{key}" if path else str(key)
             found = lone_surrogate_path(key, f"a key in {path or 'the body'}") or \
-                lone_surrogate_path(item, sub)
+                lone_surrogate_path(item, sub, depth + 1)
             if found is not None:
                 return found.encode("utf-8", "backslashreplace").decode("utf-8")
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            found = lone_surrogate_path(item, f"{path}[{i}]")
+            found = lone_surrogate_path(item, f"{path}[{i}]", depth + 1)
             if found is not None:
                 return found
     return None
-
-
-MAX_DEPTH = 128  # nesting of arrays and objects; deeper bodies would exhaust the stack later,
-# when a tool call's arguments are rendered into the prompt
-
-
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max(map(_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(_depth, value), default=0)
-    return 0
 
 
 def parse_json(body: bytes) -> Any:
@@ -65,8 +60,6 @@ def parse_json(body: bytes) -> Any:
 
     try:
         value = json.loads(body, parse_constant=no_constant, parse_float=finite)
-        if _depth(value) > MAX_DEPTH:
-            raise RecursionError
         where = lone_surrogate_path(value)
     except UnicodeDecodeError as exc:
         raise json.JSONDecodeError(f"the body is not UTF-8 ({exc.reason})", "", 0) from None
