@@ -31,6 +31,12 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     return Tokenizer.from_folder(path.parent)
 
 
+def test_a_broken_tokenizer_file_is_named(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model":')
+    with pytest.raises(ValueError, match="tokenizer.json is not a valid tokenizer.json"):
+        Tokenizer.from_folder(tmp_path)
+
+
 def test_special_tokens_are_single_ids_and_bos_is_not_doubled(tokenizer):
     prompt = encode_messages([{"role": "user", "content": "Hello"}], "chat")
     ids = tokenizer.encode(prompt)

@@ -99,3 +99,7 @@ def test_errors_name_the_problem(tmp_path):
     (tmp_path / "one" / "config.json").write_text("{bad")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_config(tmp_path / "one")
+    shard = tmp_path / "one" / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # a download cut short
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors"):
+        CheckpointReader(tmp_path / "one")

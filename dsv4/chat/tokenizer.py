@@ -32,7 +32,12 @@ class Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {file}")
-        return cls(_HFTokenizer.from_file(str(file)))
+        try:
+            backend = _HFTokenizer.from_file(str(file))
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            raise ValueError(f"{file} is not a valid tokenizer.json ({exc}); replace it with "
+                             "the tokenizer.json of the model's release") from None
+        return cls(backend)
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` as written: a rendered prompt already holds its BOS, so no special

@@ -57,7 +57,7 @@ class CheckpointReader:
             files = sorted(path.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"no .safetensors files in {path}")
-        self._handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in files}
+        self._handles = {f: _open_shard(f) for f in files}
         for f, handle in self._handles.items():
             for name in handle.keys():
                 self._file_of[name] = f
@@ -113,3 +113,11 @@ def logical_shape(reader: CheckpointReader, name: str) -> tuple[int, ...]:
     if name.endswith(".weight") and scale_name(name) in reader and reader.dtype(name) == "I8":
         return (shape[0], shape[1] * 2)
     return shape
+
+
+def _open_shard(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as exc:  # SafetensorError: a truncated download, or not safetensors
+        raise ValueError(f"{file} is not a readable safetensors file ({exc}); it may be "
+                         "truncated: download it again") from None
