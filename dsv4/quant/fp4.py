@@ -22,7 +22,7 @@ def e2m1_table(device: torch.device | str = "cpu") -> torch.Tensor:
     return _constants(torch.device(device))[1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(magnitudes [8], code values [16], tie rank [8]: even mantissas outrank odd ones),
     made outside inference mode so that autograd may use them whoever cached them first."""

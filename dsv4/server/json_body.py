@@ -18,7 +18,6 @@ from fastapi.routing import APIRoute
 
 from dsv4.server.errors import APIError
 
-
 MAX_DEPTH = 128  # nesting of arrays and objects; deeper bodies would exhaust the stack later,
 # when a tool call's arguments are rendered into the prompt
 
