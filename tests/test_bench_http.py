@@ -309,3 +309,9 @@ def test_user_errors_are_value_errors(tmp_path, capsys):
     rc = main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1",
                "--disable-tqdm", "--result-file", str(tmp_path / "x.json")])
     assert rc == 2 and "--model NAME" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()  # the write check leaves nothing behind
+    for action in ("serve", "sweep"):  # refused before any request is sent (port 9 is closed)
+        rc = main(["bench", action, "--base-url", "http://127.0.0.1:9", "--model", "m",
+                   "--concurrency", "1", "--disable-tqdm",
+                   "--result-file", str(tmp_path / "no" / "dir" / "x.json")])
+        assert rc == 2 and "--result-file" in capsys.readouterr().err

@@ -323,7 +323,22 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable(path: Path, option: str) -> None:
+    """Fail before a run of minutes, not after it, when its result could not be saved."""
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot write there ({exc.strerror or exc}); "
+                         "pick a file in a folder you can write to") from None
+    if not existed:
+        path.unlink()
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.action in ("serve", "sweep") and args.result_file:
+        _check_writable(Path(args.result_file), "--result-file")
     if args.action == "serve":
         return _serve(args)
     if args.action == "sweep":
