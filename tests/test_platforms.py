@@ -45,6 +45,29 @@ def test_register_a_new_platform():
         platforms._REGISTRY.pop("fakecpu")
 
 
+def test_a_device_number_picks_that_device_and_is_checked():
+    class TwoMetaDevices(CpuPlatform):  # a stand-in for a 2-GPU machine: no GPU here
+        name, device_type = "twometa", "meta"
+
+        @classmethod
+        def device_count(cls) -> int:
+            return 2
+
+    register_platform("twometa", TwoMetaDevices)
+    try:
+        assert get_platform("twometa:1").device() == torch.device("meta", 1)
+        assert get_platform("twometa").device() == torch.device("meta", 0)
+        with pytest.raises(ValueError, match="2 twometa device.*twometa:0 to twometa:1"):
+            get_platform("twometa:2")
+        with pytest.raises(ValueError, match="device number"):
+            get_platform("twometa:first")
+    finally:
+        platforms._REGISTRY.pop("twometa")
+    assert get_platform("cpu:0").device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="1 cpu device"):
+        get_platform("cpu:1")
+
+
 @pytest.mark.parametrize("bf16_matmul, dtype", [(True, torch.bfloat16), (False, torch.float32)])
 def test_models_load_in_bf16_only_where_the_cpu_multiplies_it_in_hardware(
         monkeypatch, bf16_matmul, dtype):

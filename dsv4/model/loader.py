@@ -40,7 +40,8 @@ def load_model(
     kv_cache_dtype: str | None = None,
     indexer_cache_dtype: str | None = None,
 ) -> Transformer:
-    """Load a V4 checkpoint folder. `device`: "cpu", "cuda", "npu" or None (best available);
+    """Load a V4 checkpoint folder. `device`: "cpu", "cuda", "cuda:1", "npu" or None (best
+    available);
     `dtype`: None for the platform's default (bf16, or float32 on a CPU without bf16 matmuls).
 
     Numerics defaults follow the checkpoint: a quantised release (its config has a

@@ -44,13 +44,20 @@ def get_platform(name: str | None = None) -> Platform:
     """The platform called `name`, or the best available one (cuda, npu, then cpu)."""
     if name is None:
         return _load(available_platforms()[0])()
-    base = name.split(":")[0]  # accept torch-style "cuda:1"
+    base, _, index = name.partition(":")  # torch-style "cuda:1" picks the second GPU
     if base not in _REGISTRY:
         raise ValueError(f"unknown device {name!r}; known: {', '.join(_REGISTRY)}")
+    if index and not index.isdigit():
+        raise ValueError(f"device {name!r}: the part after ':' must be a device number, "
+                         f"as in {base}:0")
     cls = _load(base)
     if not cls.is_available():
         raise ValueError(f"device {name!r} is not available here: {_HINTS.get(base, '')}")
-    return cls()
+    count = cls.device_count()
+    if int(index or 0) >= count:
+        raise ValueError(f"device {name!r}: this machine has {count} {base} device(s), "
+                         f"numbered from 0; use {base}:0 to {base}:{count - 1}")
+    return cls(int(index or 0))
 
 
 __all__ = ["Platform", "available_platforms", "get_platform", "register_platform"]

@@ -20,13 +20,21 @@ class Platform(ABC):
     dist_backend: str = ""  # torch.distributed backend: "gloo", "nccl", "hccl"
     supports_fp8_compute: bool = False  # native FP8 matmuls (Hopper, Ascend 950)
 
+    def __init__(self, index: int = 0):
+        self.index = index  # which device of this kind ("cuda:1" -> 1)
+
     @classmethod
     @abstractmethod
     def is_available(cls) -> bool:
         """True when this machine has a usable device of this kind. Must not raise."""
 
-    def device(self, index: int = 0) -> torch.device:
-        return torch.device(self.device_type, index) if self.device_type != "cpu" \
+    @classmethod
+    def device_count(cls) -> int:
+        """Devices of this kind on this machine (the CPU counts as one)."""
+        return 1
+
+    def device(self) -> torch.device:
+        return torch.device(self.device_type, self.index) if self.device_type != "cpu" \
             else torch.device("cpu")
 
     @property
@@ -52,4 +60,4 @@ class Platform(ABC):
         torch.manual_seed(seed)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r})"
+        return f"{type(self).__name__}(name={self.name!r}, index={self.index})"

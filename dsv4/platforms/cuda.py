@@ -19,15 +19,19 @@ class CudaPlatform(Platform):
         except Exception:  # a broken driver must not break platform discovery
             return False
 
+    @classmethod
+    def device_count(cls) -> int:
+        return torch.cuda.device_count()
+
     @property
     def supports_fp8_compute(self) -> bool:  # type: ignore[override]
-        return self.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+        return self.is_available() and torch.cuda.get_device_capability(self.index) >= (8, 9)
 
     def synchronize(self) -> None:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(self.index)
 
     def memory_bytes(self) -> int:
-        return torch.cuda.get_device_properties(0).total_memory
+        return torch.cuda.get_device_properties(self.index).total_memory
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()

@@ -27,13 +27,18 @@ class NpuPlatform(Platform):
         except Exception:
             return False
 
+    @classmethod
+    def device_count(cls) -> int:
+        _torch_npu()
+        return torch.npu.device_count()
+
     def synchronize(self) -> None:
         _torch_npu()
-        torch.npu.synchronize()
+        torch.npu.synchronize(self.index)
 
     def memory_bytes(self) -> int:
         _torch_npu()
-        return torch.npu.get_device_properties(0).total_memory
+        return torch.npu.get_device_properties(self.index).total_memory
 
     def empty_cache(self) -> None:
         _torch_npu()
