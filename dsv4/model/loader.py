@@ -41,8 +41,8 @@ def load_model(
     indexer_cache_dtype: str | None = None,
 ) -> Transformer:
     """Load a V4 checkpoint folder. `device`: "cpu", "cuda", "cuda:1", "npu" or None (best
-    available);
-    `dtype`: None for the platform's default (bf16, or float32 on a CPU without bf16 matmuls).
+    available); `dtype`: None for the platform's default (bf16, or float32 on a CPU without
+    bf16 matmuls).
 
     Numerics defaults follow the checkpoint: a quantised release (its config has a
     quantization_config) gets the FP8 KV cache and FP4 indexer it was trained with;
