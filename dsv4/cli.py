@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("dsv4.train.evaluate", "accuracy and MTP acceptance of a small V4 model"),
     "bench": ("dsv4.bench.cli", "load-test any OpenAI-compatible endpoint; sweep; compare runs"),
     "serve": ("dsv4.server.cli", "OpenAI/Anthropic-compatible HTTP server (default: dsv4-tiny)"),
+    "chat": ("dsv4.server.chat_cli", "talk to a V4 model in the terminal (default: dsv4-tiny)"),
+    "generate": ("dsv4.server.generate_cli", "one answer to one prompt, streamed or as JSON"),
 }
 
 
