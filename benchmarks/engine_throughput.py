@@ -94,6 +94,9 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs per measurement; the median is reported (CPU timings vary)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="weights and activations of both systems (bf16: what a CPU with "
+                             "bf16 matmuls loads by default)")
     opts = parser.parse_args()
     args = tiny_args(**SMALL)
     hf = hf_model(args)
@@ -104,7 +107,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(released_state_dict(hf, args), tmp, config=args.to_dict())
-        llm = LLM(model=tmp, device="cpu", dtype="fp32", max_num_seqs=max(levels),
+        llm = LLM(model=tmp, device="cpu", dtype=opts.dtype, max_num_seqs=max(levels),
                   max_num_batched_tokens=2048, kv_cache_memory_bytes=256 << 20)
         llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
         weight_bytes = decode_weight_bytes(llm.engine.runner.model)
@@ -115,6 +118,8 @@ def main() -> int:
                 return sum(len(o.token_ids) for o in outs)
             rows.append({"concurrency": c, **measure("dsv4 engine", run, opts.output_len,
                                                      opts.repeats, num_requests=c)})
+    hf.to(torch.bfloat16 if opts.dtype == "bf16" else torch.float32)
+
     def hf_run(n):
         with torch.inference_mode():
             out = hf.generate(torch.tensor(prompts[:1]), max_new_tokens=n, do_sample=False,
@@ -156,6 +161,7 @@ def main() -> int:
           f"decodes at {summary['single_request_of_bound']:.0%} of it, transformers at "
           f"{summary['transformers_of_bound']:.0%}")
     print(json.dumps({"benchmark": "engine_throughput", "prompt_len": opts.prompt_len,
+                      "dtype": opts.dtype,
                       "output_len": opts.output_len, "config": SMALL, "rows": rows, **summary}))
     return 0
 
