@@ -53,11 +53,11 @@ def get_platform(name: str | None = None) -> Platform:
     cls = _load(base)
     if not cls.is_available():
         raise ValueError(f"device {name!r} is not available here: {_HINTS.get(base, '')}")
-    count = cls.device_count()
-    if int(index or 0) >= count:
+    number, count = int(index or 0), cls.device_count()
+    if number >= count:
         raise ValueError(f"device {name!r}: this machine has {count} {base} device(s), "
                          f"numbered from 0; use {base}:0 to {base}:{count - 1}")
-    return cls(int(index or 0))
+    return cls(number)
 
 
 __all__ = ["Platform", "available_platforms", "get_platform", "register_platform"]

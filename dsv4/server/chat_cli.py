@@ -123,11 +123,14 @@ class _Printer:
             self.out.flush()
 
 
-def reply(llm, messages: list[dict], thinking_mode: str, reasoning_effort: str | None,
+def reply(llm, messages: list[dict], thinking: bool, reasoning_effort: str | None,
           params, out: TextIO | None, show_reasoning: bool = True) -> Reply:
-    """Generate the assistant's next turn of `messages`, printing it to `out` as it comes.
-    Ctrl-C aborts the request (nothing stays queued) and is raised again."""
+    """Generate the assistant's next turn of `messages` (V4's thinking mode when `thinking`,
+    at `reasoning_effort`; else chat mode), printing it to `out` as it comes. Ctrl-C aborts
+    the request (nothing stays queued) and is raised again."""
     engine, tokenizer = llm.engine, llm.engine.tokenizer
+    thinking_mode = "thinking" if thinking else "chat"
+    reasoning_effort = reasoning_effort if thinking else None
     prompt = tokenizer.encode(encode_messages(messages, thinking_mode, reasoning_effort))
     room = engine.scheduler.max_seq_len - len(prompt)
     if room < 1:
@@ -177,8 +180,7 @@ def reply(llm, messages: list[dict], thinking_mode: str, reasoning_effort: str |
     return result
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+add_arguments = add_model_arguments  # `dsv4 chat` takes nothing more
 
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
@@ -220,10 +222,9 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
                 print(f"unknown command {text!r}; commands: {COMMANDS}", file=out)
             continue
         messages.append({"role": "user", "content": text})
-        mode = "thinking" if thinking else "chat"
         try:
-            answer = reply(llm, messages, mode, args.reasoning_effort if thinking else None,
-                           params, out, show_reasoning=not args.hide_reasoning)
+            answer = reply(llm, messages, thinking, args.reasoning_effort, params, out,
+                           show_reasoning=not args.hide_reasoning)
         except KeyboardInterrupt:
             messages.pop()
             print("(stopped; that question was dropped from the conversation)", file=out)

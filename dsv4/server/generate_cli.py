@@ -31,10 +31,8 @@ def run(args: argparse.Namespace) -> int:
     llm = load_llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": prompt})
-    mode = "thinking" if args.thinking else "chat"
-    answer = reply(llm, messages, mode, args.reasoning_effort if args.thinking else None,
-                   sampling_params(args), None if args.json else sys.stdout,
-                   show_reasoning=not args.hide_reasoning)
+    answer = reply(llm, messages, args.thinking, args.reasoning_effort, sampling_params(args),
+                   None if args.json else sys.stdout, show_reasoning=not args.hide_reasoning)
     if args.json:
         print(json.dumps({
             "reasoning_content": answer.reasoning, "content": answer.content,
