@@ -125,3 +125,11 @@ def test_bad_split_or_family_is_named():
         list(data.generate_examples(1, split="test"))
     with pytest.raises(ValueError, match="poetry"):
         list(data.generate_examples(1, families={"poetry": 1.0}))
+
+
+def test_a_single_digit_product_is_reasoned_as_the_fact_larger_products_use():
+    # A held-out single-digit pair must be the fact the model practised inside other products,
+    # not a phrase it only ever saw with that pair ("8 times 6 is ...").
+    alone, inside = data._digits_reasoning_mul(8, 6), data._digits_reasoning_mul(48, 6)
+    assert "8 * 6 = 48." in alone and "; 8 * 6 = 48." in inside
+    assert "times" not in alone and alone.endswith("So 8 * 6 = 48.")

@@ -189,8 +189,9 @@ def _digits_reasoning_sub(a: int, b: int) -> str:
 
 def _digits_reasoning_mul(a: int, b: int) -> str:
     tens, ones = a // 10, a % 10
-    if tens == 0:
-        return f"{a} times {b} is {a * b}. So {a} * {b} = {a * b}."
+    if tens == 0:  # the fact in the form every product's reasoning uses, so that a held-out
+        # single-digit pair is the fact the model learned inside the other products
+        return f"One digit by one digit: {a} * {b} = {a * b}. So {a} * {b} = {a * b}."
     return (
         f"Split {a} into {tens * 10} + {ones}: {tens} * {b} = {tens * b}, so "
         f"{tens * 10} * {b} = {tens * 10 * b}; {ones} * {b} = {ones * b}. "
