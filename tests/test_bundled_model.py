@@ -12,7 +12,7 @@ from dsv4.chat import Tokenizer, encode_messages, parse_completion
 from dsv4.engine.llm import LLM
 from dsv4.engine.sampling_params import SamplingParams
 from dsv4.train.data import CAPABILITIES, eval_examples
-from dsv4.train.evaluate import BUNDLED
+from dsv4.train.evaluate import BUNDLED, evaluate
 
 
 def test_bundled_files_are_fp8_and_fp4_and_under_30_mb():
@@ -75,8 +75,6 @@ def test_the_bundled_model_meets_the_bar_the_readme_reports():
     """The dsv4-tiny issue's bar, from the FP8 + FP4 files on CPU, on the fixed held-out split
     `dsv4 eval` uses: a change to the model, the quantised formats, the engine or the chat
     encoder that damages what the model learned shows up here."""
-    from dsv4.train.evaluate import evaluate
-
     scores = evaluate(BUNDLED)  # 200 examples, greedy, fp32
     assert scores["num_examples"] == 200
     assert scores["arithmetic_accuracy"] >= 0.9  # README: 0.925 (86 of 93)
