@@ -10,6 +10,7 @@ into a cache, chunked prefill and one-token decode.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsv4.model.cache import LayerCache
@@ -47,6 +48,8 @@ def sparse_attention(
     Each group is (keys, valid): keys [B, K, D] shared by all T queries (a window band, all
     HCA entries) or [B, T, K, D] gathered per query (the indexer's top-k); valid broadcasts
     to [B, T, K]. -> [B, T, H, D]."""
+    if q.dtype == torch.float32 and all(keys.dim() == 3 for keys, _ in groups):
+        return _shared_key_attention(q, groups, sink, scale)
     logits = []
     for keys, valid in groups:
         eq = "bthd,btkd->bthk" if keys.dim() == 4 else "bthd,bkd->bthk"
@@ -62,6 +65,32 @@ def sparse_attention(
         part = torch.einsum(eq, p, keys)
         out = part if out is None else out + part
     return out
+
+
+def _shared_key_attention(q, groups, sink, scale) -> torch.Tensor:
+    """`sparse_attention` when every group's keys are shared by all T queries, in float32.
+
+    There is one KV head, so the T * H (query, head) rows form one query sequence against one
+    key sequence, and torch's fused attention (`scaled_dot_product_attention`: the scores are
+    never materialised whole) runs it. The sink is one more key, zero, with a zero value and
+    its logit as the bias: it adds exp(sink) to the denominator and nothing to the sum. For
+    the engine's 64-query prefill blocks this took half the time of the einsums on a 2-core
+    CPU; it is not bitwise the same (about 1e-6 apart). bf16 keeps the einsums, whose softmax
+    runs in float32 (a bf16 bias would round the sink)."""
+    B, T, H, D = q.shape
+    keys = torch.cat([*(k.expand(B, -1, -1) for k, _ in groups), q.new_zeros(B, 1, D)], 1)
+    bias = q.new_zeros(B, T, 1, keys.shape[1])
+    start = 0
+    for k, valid in groups:
+        end = start + k.shape[1]
+        bias[:, :, 0, start:end].masked_fill_(~valid.expand(B, T, -1), float("-inf"))
+        start = end
+    bias = bias.expand(B, T, H, -1).clone()
+    bias[..., -1] = sink
+    keys = keys[:, None]  # [B, 1, K + 1, D]
+    out = F.scaled_dot_product_attention(q.reshape(B, 1, T * H, D), keys, keys,
+                                         attn_mask=bias.view(B, 1, T * H, -1), scale=scale)
+    return out.view(B, T, H, D)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
