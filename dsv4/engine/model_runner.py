@@ -51,6 +51,8 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torc
 class V4ModelRunner(ModelRunner):
     def __init__(self, model: Transformer, layout: KVCacheLayout, max_model_len: int):
         self.model = model
+        for layer in [*model.layers, *model.mtp]:
+            layer.ffn.stack_experts()  # routed experts as grouped matmuls
         self.layout = layout
         self.num_speculative_tokens = layout.spec.num_mtp_layers  # one draft per MTP layer
         if self.num_speculative_tokens:

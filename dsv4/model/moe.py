@@ -64,10 +64,32 @@ class MoE(nn.Module):
         )
         self.shared_experts = Expert(dim, inter * args.n_shared_experts, None)
 
+    def stack_experts(self) -> None:
+        """For inference: gather the routed experts' weights into one [E, ...] tensor per
+        matrix, which the experts' Linears then view (no extra memory). Without gradients
+        the experts then run as three grouped matmuls over the tokens sorted by expert,
+        instead of a loop over experts. The parameters share storage afterwards, which
+        safetensors refuses to save: the engine calls this, checkpoint code does not.
+        (A torch without `F.grouped_mm` keeps the loop.)"""
+        if not hasattr(F, "grouped_mm"):
+            return
+        for name in ("w1", "w2", "w3"):
+            stacked = torch.stack([getattr(e, name).weight.detach() for e in self.experts])
+            for e, weight in zip(self.experts, stacked):
+                getattr(e, name).weight = nn.Parameter(weight, requires_grad=False)
+            # [E, in, out]; a buffer, so that .to() moves it with the parameters
+            self.register_buffer(f"_{name}", stacked.transpose(1, 2), persistent=False)
+        self._stacked = True
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices = self.gate(x, ids.reshape(-1))
+        grouped = getattr(self, "_stacked", False) and not torch.is_grad_enabled()
+        routed = (self._grouped if grouped else self._looped)(x, weights, indices)
+        return (routed + self.shared_experts(x)).view(shape)
+
+    def _looped(self, x, weights, indices) -> torch.Tensor:
         out = torch.zeros_like(x)
         counts = torch.bincount(indices.flatten(), minlength=len(self.experts)).tolist()
         for e, count in enumerate(counts):  # loop over experts, not over tokens
@@ -75,4 +97,20 @@ class MoE(nn.Module):
                 continue
             token, slot = torch.where(indices == e)
             out.index_add_(0, token, self.experts[e](x[token], weights[token, slot]))
-        return (out + self.shared_experts(x)).view(shape)
+        return out
+
+    def _grouped(self, x, weights, indices) -> torch.Tensor:
+        """The same sums as `_looped` (bitwise, on a CPU), each token's experts added in
+        expert order, with one matmul per weight matrix for all experts."""
+        order = indices.flatten().argsort(stable=True)  # (token, slot) pairs by expert
+        token = order // indices.shape[1]
+        ends = torch.bincount(indices.flatten(), minlength=len(self.experts)).cumsum(0)
+        ends = ends.to(torch.int32)
+        rows = x[token]
+        gate = F.grouped_mm(rows, self._w1, offs=ends)
+        up = F.grouped_mm(rows, self._w3, offs=ends)
+        limit = self.experts[0].limit
+        if limit is not None:
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        h = F.silu(gate) * up * weights.flatten()[order, None].to(up.dtype)
+        return torch.zeros_like(x).index_add_(0, token, F.grouped_mm(h, self._w2, offs=ends))

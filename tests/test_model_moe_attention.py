@@ -1,0 +1,85 @@
+"""The engine's fast paths against the model's plain ones: routed experts as grouped matmuls
+against the loop over experts, and fused attention over shared keys against explicit softmax
+math with a sink."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.model.attention import sparse_attention
+from dsv4.model.moe import MoE
+from v4_oracle import tiny_args
+
+
+def _moe(hashed: bool, seed: int) -> MoE:
+    torch.manual_seed(seed)
+    args = tiny_args(n_routed_experts=8, num_experts_per_tok=3, hidden_size=64,
+                     moe_intermediate_size=32)
+    moe = MoE(args, hashed)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+        if hashed:
+            moe.gate.tid2eid.copy_(torch.randint(0, 8, moe.gate.tid2eid.shape))
+    return moe
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+@pytest.mark.parametrize("tokens", [1, 2, 37])  # 1 and 2: most experts get no token
+def test_grouped_experts_give_the_bits_of_the_loop_over_experts(hashed, tokens):
+    moe = _moe(hashed, seed=tokens)
+    x = torch.randn(1, tokens, 64)
+    ids = torch.randint(0, moe.gate.tid2eid.shape[0] if hashed else 100, (1, tokens))
+    with torch.no_grad():
+        looped = moe(x, ids)
+        weights = {k: v.clone() for k, v in moe.state_dict().items()}
+        moe.stack_experts()
+        grouped = moe(x, ids)
+    assert moe._stacked
+    assert torch.equal(grouped, looped)
+    # the experts' parameters now view the stacked tensors: same names, same values
+    state = moe.state_dict()
+    assert state.keys() == weights.keys()
+    assert all(torch.equal(state[k], weights[k]) for k in weights)
+    assert moe.experts[3].w2.weight.data_ptr() == moe._w2[3].data_ptr()
+
+
+def test_training_after_stacking_runs_the_loop_and_gets_gradients():
+    moe = _moe(False, seed=0)
+    moe.stack_experts()
+    x = torch.randn(1, 9, 64, requires_grad=True)
+    moe(x, torch.zeros(1, 9, dtype=torch.long)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _softmax_with_sink(q, groups, sink, scale):
+    """The definition, in float64: one softmax over every group's valid keys and the sink."""
+    logits = [torch.einsum("bthd,bkd->bthk", q.double(), k.double()) * scale for k, _ in groups]
+    logits = [s.masked_fill(~v[:, :, None, :], float("-inf")) for s, (_, v) in zip(logits, groups)]
+    scores = torch.cat(logits, dim=-1)
+    sinks = sink.double().view(1, 1, -1, 1).expand(*scores.shape[:3], 1)
+    probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+    keys = torch.cat([k.double() for k, _ in groups], dim=1)
+    return torch.einsum("bthk,bkd->bthd", probs, keys)
+
+
+def test_fused_attention_over_shared_keys_matches_the_definition():
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D = 3, 5, 4, 32
+    q = torch.randn(B, T, H, D, generator=g)
+    band, entries = torch.randn(B, 9, D, generator=g), torch.randn(B, 6, D, generator=g)
+    band_valid = torch.rand(1, T, 9, generator=g) < 0.6  # shared by the batch
+    entry_valid = torch.rand(B, T, 6, generator=g) < 0.5
+    band_valid[0, 0] = False  # a query that sees no window key...
+    entry_valid[:, 0] = False  # ...nor any entry: only the sink
+    sink = torch.randn(H, generator=g)
+    groups = [(band, band_valid), (entries, entry_valid)]
+    out = sparse_attention(q, groups, sink, D**-0.5)
+    want = _softmax_with_sink(q, groups, sink, D**-0.5)
+    assert out.dtype == torch.float32 and out.shape == (B, T, H, D)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[:, 0] == 0)
+    # bf16 takes the einsum path (softmax in float32); it agrees to bf16's precision
+    bf16 = sparse_attention(q.bfloat16(), [(k.bfloat16(), v) for k, v in groups], sink, D**-0.5)
+    torch.testing.assert_close(bf16.double(), want, atol=0.05, rtol=0.05)
