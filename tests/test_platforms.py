@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from dsv4 import platforms
 from dsv4.platforms import available_platforms, get_platform, register_platform
-from dsv4.platforms.cpu import CpuPlatform
+from dsv4.platforms.cpu import CpuPlatform, keep_freed_memory
 
 
 def test_cpu_platform_runs_tensors():
@@ -81,3 +84,32 @@ def test_models_load_in_bf16_only_where_the_cpu_multiplies_it_in_hardware(
     assert load_model(BUNDLED, device="cpu").layers[0].attn.wq_a.weight.dtype == dtype
     explicit = load_model(BUNDLED, device="cpu", dtype=torch.float16)
     assert explicit.layers[0].attn.wq_a.weight.dtype == torch.float16
+
+
+MMAPPED_MB_OF_A_20_MB_TENSOR = """
+import ctypes, sys, torch
+from dsv4.platforms import get_platform
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "tuned":
+    get_platform("cpu").configure_allocator()
+before = libc.mallinfo2().hblkhd  # bytes in mmapped blocks
+x = torch.empty(20 << 18)
+print((libc.mallinfo2().hblkhd - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_the_cpu_platform_serves_large_tensors_from_the_heap():
+    """glibc maps a fresh 20 MB block with mmap (and unmaps it on free, so its pages fault
+    in again next time); once an engine has configured the CPU, it comes from the heap."""
+    def mmapped_mb(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", MMAPPED_MB_OF_A_20_MB_TENSOR, mode],
+                             capture_output=True, text=True, check=True)
+        return int(run.stdout.split()[-1])
+
+    assert keep_freed_memory()
+    assert (mmapped_mb("default"), mmapped_mb("tuned")) == (20, 0)

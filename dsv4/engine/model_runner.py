@@ -38,6 +38,7 @@ from dsv4.model.hyper import hc_post
 from dsv4.model.norm import rms_normalize
 from dsv4.model.rope import apply_rope, rope_cos_sin
 from dsv4.model.transformer import Transformer
+from dsv4.platforms import get_platform
 
 # Requests with at least this many new tokens (prefill chunks) attend in blocks of BAND_BLOCK
 # queries sharing one window band; the rest (decodes) attend token by token.
@@ -83,6 +84,7 @@ class V4ModelRunner(ModelRunner):
                                  f"{sorted(TORCH_DTYPES)}")
             dtype = TORCH_DTYPES[dtype]
         kv = "fp8" if config.kv_cache_dtype == "fp8" else "auto"
+        get_platform(device).configure_allocator()
         model = load_model(path, device=device, dtype=dtype, kv_cache_dtype=kv)
         return cls.for_model(model, config)
 

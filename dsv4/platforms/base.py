@@ -56,6 +56,10 @@ class Platform(ABC):
     def empty_cache(self) -> None:  # noqa: B027 - optional hook, a no-op where no cache exists
         """Return cached allocator blocks to the device, where that means anything."""
 
+    def configure_allocator(self) -> None:  # noqa: B027 - optional hook
+        """Tune the process's memory allocator for an inference engine (called once, when an
+        engine starts on this platform)."""
+
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -15,6 +16,31 @@ def has_bf16_matmul() -> bool:
     float32: 27x for a 512 x 512 product on a 2-core AVX2 EPYC, 2.7x to 3.6x for a dsv4-tiny
     prefill."""
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64 bits
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MAX_MMAP_THRESHOLD = 32 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
+
+    torch's CPU allocator is malloc. By default glibc serves large blocks (a prefill's
+    activations, megabytes each) with fresh mmaps and gives them back on free, and trims the
+    heap's free top, so later steps' tensors page-fault their memory in again. Three rounds
+    of 1 and 32 requests in `benchmarks/engine_throughput.py`'s config on a 2-core box took
+    about a million faults and 3 to 4 s of kernel time; keeping freed memory (blocks up to
+    32 MB from the heap, no trimming below 2 GB free), 60 to 90 thousand faults and about
+    1 s, and 32 requests ran 4% to 6% faster. The process's memory then stays at its peak,
+    as with the caching allocators of GPUs. False where malloc is not glibc's (macOS, musl),
+    which is left as it is."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)) and \
+            bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 class CpuPlatform(Platform):
@@ -32,6 +58,9 @@ class CpuPlatform(Platform):
 
     def synchronize(self) -> None:
         pass
+
+    def configure_allocator(self) -> None:
+        keep_freed_memory()
 
     def memory_bytes(self) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
