@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from v4_oracle import tiny_args
 
 from dsv4.model.attention import sparse_attention
 from dsv4.model.moe import MoE
-from v4_oracle import tiny_args
 
 
 def _moe(hashed: bool, seed: int) -> MoE:
