@@ -1,6 +1,6 @@
-"""The engine's fast paths against the model's plain ones: routed experts as grouped matmuls
-against the loop over experts, and fused attention over shared keys against explicit softmax
-math with a sink."""
+"""Fast paths against plain definitions: routed experts as grouped matmuls against the loop
+over experts, fused attention over shared keys against explicit softmax math with a sink,
+RoPE as a complex product against the pairwise rotation."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from v4_oracle import tiny_args
 
 from dsv4.model.attention import sparse_attention
 from dsv4.model.moe import MoE
+from dsv4.model.rope import apply_rope, rope_cos_sin
 
 
 def _moe(hashed: bool, seed: int) -> MoE:
@@ -83,3 +84,19 @@ def test_fused_attention_over_shared_keys_matches_the_definition():
     # bf16 takes the einsum path (softmax in float32); it agrees to bf16's precision
     bf16 = sparse_attention(q.bfloat16(), [(k.bfloat16(), v) for k, v in groups], sink, D**-0.5)
     torch.testing.assert_close(bf16.double(), want, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rotates_consecutive_pairs_of_the_last_dims_and_its_inverse_undoes_it(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 48, generator=g).to(dtype)  # [S, heads, dim], the last 16 rotate
+    cos, sin = rope_cos_sin(torch.arange(100, 107), torch.rand(8, generator=g))
+    out = apply_rope(x, cos[:, None], sin[:, None])
+    a, b = x[..., 32::2].double(), x[..., 33::2].double()
+    c, s = cos[:, None].double(), sin[:, None].double()
+    want = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and torch.equal(out[..., :32], x[..., :32])
+    torch.testing.assert_close(out[..., 32:].double(), want, atol=tol, rtol=tol)
+    back = apply_rope(out, cos[:, None], -sin[:, None])
+    torch.testing.assert_close(back.double(), x.double(), atol=2 * tol, rtol=2 * tol)
