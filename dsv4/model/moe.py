@@ -70,8 +70,11 @@ class MoE(nn.Module):
         the experts then run as three grouped matmuls over the tokens sorted by expert,
         instead of a loop over experts. The parameters share storage afterwards, which
         safetensors refuses to save: the engine calls this, checkpoint code does not.
-        (A torch without `F.grouped_mm` keeps the loop.)"""
-        if not hasattr(F, "grouped_mm"):
+
+        CPU only: that is where it was measured and tested. On CUDA torch's grouped matmul
+        wants bf16 on recent GPUs, unverified here, so the loop stays, as it does with a
+        torch that has no `F.grouped_mm`."""
+        if not hasattr(F, "grouped_mm") or not self.experts[0].w1.weight.is_cpu:
             return
         for name in ("w1", "w2", "w3"):
             stacked = torch.stack([getattr(e, name).weight.detach() for e in self.experts])
@@ -85,7 +88,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices = self.gate(x, ids.reshape(-1))
-        grouped = getattr(self, "_stacked", False) and not torch.is_grad_enabled()
+        grouped = getattr(self, "_stacked", False) and x.is_cpu and not torch.is_grad_enabled()
         routed = (self._grouped if grouped else self._looped)(x, weights, indices)
         return (routed + self.shared_experts(x)).view(shape)
 
