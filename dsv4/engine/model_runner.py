@@ -28,6 +28,7 @@ from dsv4.engine.paged_ops import (
 from dsv4.engine.runner import ModelRunner
 from dsv4.model.attention import (
     Attention,
+    gather_rows,
     quantize_indexer,
     quantize_kv_nope,
     sparse_attention,
@@ -44,6 +45,10 @@ from dsv4.platforms import get_platform
 # queries sharing one window band; the rest (decodes) attend token by token.
 BAND_BLOCK = 64
 BAND_MIN_TOKENS = 16
+# CSA layers attend to all compressed entries under the indexer's top-k mask (one fused
+# attention over keys shared by a block) until there are more than this many times top-k;
+# then each query gathers its own top-k entries, so the work stops growing with the context.
+GATHER_TOPK_FACTOR = 4
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
                 "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
@@ -206,7 +211,7 @@ class V4ModelRunner(ModelRunner):
         kv = apply_rope(attn.kv_norm(attn.wkv(x))[0], cos, sin)  # [T, hd]
         keep_kv = (lambda t: quantize_kv_nope(t, attn.rope_dim)) if m.kv_fp8 else (lambda t: t)
         kv = keep_kv(kv)
-        entries = visible = None
+        entries = visible = chosen = None
         if ratio:
             self._compress(attn.compressor, x, batch, inv_freq, f"{name}.compressor",
                            f"{name}.compressed_kv", lambda t: keep_kv(t.to(kv.dtype)))
@@ -228,12 +233,18 @@ class V4ModelRunner(ModelRunner):
                     scores = self._index_scores(qi, ikeys.float(), w, blocks)  # [T, E]
                     scores = scores.masked_fill(~visible, float("-inf"))
                     top = stable_topk(scores, min(idx.topk, scores.shape[1]))
-                    visible = visible & torch.zeros_like(visible).scatter_(1, top, True)
+                    if entries.shape[1] > GATHER_TOPK_FACTOR * idx.topk:
+                        chosen = top, visible.gather(1, top)  # [T, k]: rows, still visible?
+                    else:
+                        visible = visible & torch.zeros_like(visible).scatter_(1, top, True)
         window = self.pools[f"{name}.window_kv"]
         out = q.new_empty(T, H, hd)
         for b in blocks:  # the window is read before this step's rows are written
             groups = [window_band(window, kv, batch, b, fp8=self.fp8)]
-            if entries is not None and entries.shape[1]:
+            if chosen is not None:  # each query's own top-k entries
+                rows, ok = chosen[0][b.token_index], chosen[1][b.token_index]
+                groups.append((gather_rows(entries[b.seq], rows), ok))
+            elif entries is not None and entries.shape[1]:  # all entries, masked
                 groups.append((entries[b.seq], visible[b.token_index]))
             o = sparse_attention(q[b.token_index], groups, attn.attn_sink, attn.scale)
             out[b.tokens] = o.flatten(0, 1)[b.slot]
