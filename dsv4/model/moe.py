@@ -63,6 +63,7 @@ class MoE(nn.Module):
             Expert(dim, inter, args.swiglu_limit) for _ in range(args.n_routed_experts)
         )
         self.shared_experts = Expert(dim, inter * args.n_shared_experts, None)
+        self._stacked = False  # see stack_experts
 
     def stack_experts(self) -> None:
         """For inference: gather the routed experts' weights into one [E, ...] tensor per
@@ -88,7 +89,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices = self.gate(x, ids.reshape(-1))
-        grouped = getattr(self, "_stacked", False) and x.is_cpu and not torch.is_grad_enabled()
+        grouped = self._stacked and x.is_cpu and not torch.is_grad_enabled()
         routed = (self._grouped if grouped else self._looped)(x, weights, indices)
         return (routed + self.shared_experts(x)).view(shape)
 
