@@ -15,6 +15,7 @@ in this process. Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -75,16 +76,32 @@ def median_seconds(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def measure(system: str, run, output_len: int, repeats: int, num_requests: int) -> dict:
-    """Time `run(n)` (generate up to n tokens for each of `num_requests` requests, return the
-    tokens made) for the full output and for one token. One token is the prefill plus a
-    sample; the difference is the decode phase, so decode tok/s counts the tokens after each
-    request's first."""
-    seconds, tokens = median_seconds(lambda: run(output_len), repeats)
-    prefill_seconds, _ = median_seconds(lambda: run(1), repeats)
-    return {"system": system, "output_tokens": tokens, "seconds": seconds,
-            "output_tok_s": tokens / seconds, "prefill_seconds": prefill_seconds,
-            "decode_tok_s": (tokens - num_requests) / max(seconds - prefill_seconds, 1e-9)}
+def measure(systems: dict, output_len: int, repeats: int) -> list[dict]:
+    """Time each system's `run(n)` (generate up to n tokens for each of its requests, return
+    the tokens made) for the full output and for one token, `repeats` rounds, interleaved:
+    every round runs every system once, so a box whose speed drifts during the run (shared
+    2-core VMs drift by 30%) slows all rows alike, not whichever came last. Medians per row.
+    One token is the prefill plus a sample; the difference is the decode phase, so decode
+    tok/s counts the tokens after each request's first."""
+    full, first, tokens = ({key: [] for key in systems} for _ in range(3))
+    for _ in range(repeats):
+        for key, run in systems.items():
+            start = time.perf_counter()
+            tokens[key] = run(output_len)
+            full[key].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            run(1)
+            first[key].append(time.perf_counter() - start)
+    rows = []
+    for key in systems:
+        system, num_requests = key
+        seconds, prefill = statistics.median(full[key]), statistics.median(first[key])
+        rows.append({"system": system, "requests": num_requests,
+                     "output_tokens": tokens[key], "seconds": seconds,
+                     "output_tok_s": tokens[key] / seconds, "prefill_seconds": prefill,
+                     "decode_tok_s": (tokens[key] - num_requests) / max(seconds - prefill,
+                                                                        1e-9)})
+    return rows
 
 
 def main() -> int:
@@ -104,41 +121,40 @@ def main() -> int:
     levels = [int(c) for c in opts.concurrency.split(",")]
     prompts = [torch.randint(2, args.vocab_size, (opts.prompt_len,), generator=g).tolist()
                for _ in range(max(levels))]
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(released_state_dict(hf, args), tmp, config=args.to_dict())
         llm = LLM(model=tmp, device="cpu", dtype=opts.dtype, max_num_seqs=max(levels),
                   max_num_batched_tokens=2048, kv_cache_memory_bytes=256 << 20)
-        llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
-        weight_bytes = decode_weight_bytes(llm.engine.runner.model)
-        for c in levels:
-            def run(n, c=c):
-                outs = llm.generate(prompts[:c], SamplingParams(temperature=0, max_tokens=n,
-                                                                ignore_eos=True))
-                return sum(len(o.token_ids) for o in outs)
-            rows.append({"concurrency": c, **measure("dsv4 engine", run, opts.output_len,
-                                                     opts.repeats, num_requests=c)})
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    weight_bytes = decode_weight_bytes(llm.engine.runner.model)
     hf.to(torch.bfloat16 if opts.dtype == "bf16" else torch.float32)
+
+    def engine_run(n, c):
+        outs = llm.generate(prompts[:c], SamplingParams(temperature=0, max_tokens=n,
+                                                        ignore_eos=True))
+        return sum(len(o.token_ids) for o in outs)
 
     def hf_run(n):
         with torch.inference_mode():
             out = hf.generate(torch.tensor(prompts[:1]), max_new_tokens=n, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
         return out.shape[1] - opts.prompt_len
-    rows.append({"concurrency": 1, **measure("transformers generate", hf_run, opts.output_len,
-                                             opts.repeats, num_requests=1)})
 
-    single = next(r for r in rows if r["system"] == "dsv4 engine" and r["concurrency"] == 1)
+    systems = {("dsv4 engine", c): functools.partial(engine_run, c=c) for c in levels}
+    systems[("transformers generate", 1)] = hf_run
+    rows = measure(systems, opts.output_len, opts.repeats)
+
+    single = next(r for r in rows if r["system"] == "dsv4 engine" and r["requests"] == 1)
     hf_row = rows[-1]
     print(f"{'system':<22} {'concurrency':>11} {'tokens':>7} {'seconds':>8} {'tok/s':>8} "
           f"{'vs 1 req':>8} {'prefill s':>9} {'decode tok/s':>12}")
     for r in rows:
         scale = r["output_tok_s"] / single["output_tok_s"]
-        print(f"{r['system']:<22} {r['concurrency']:>11} {r['output_tokens']:>7} "
+        print(f"{r['system']:<22} {r['requests']:>11} {r['output_tokens']:>7} "
               f"{r['seconds']:>8.2f} {r['output_tok_s']:>8.1f} {scale:>7.2f}x "
               f"{r['prefill_seconds']:>9.3f} {r['decode_tok_s']:>12.1f}")
     widest = max((r for r in rows if r["system"] == "dsv4 engine"),
-                 key=lambda r: r["concurrency"])
+                 key=lambda r: r["requests"])
     summary = {"scaling_at_max_concurrency": widest["output_tok_s"] / single["output_tok_s"],
                "decode_scaling_at_max_concurrency":
                    widest["decode_tok_s"] / single["decode_tok_s"],

@@ -92,11 +92,9 @@ def main() -> int:
     scheduler = engines["dsv4 engine + MTP"].engine.scheduler
     drafted, accepted = scheduler.num_draft_tokens, scheduler.num_accepted_draft_tokens
 
-    rows = {
-        name: measure(name, lambda n, run=run: sum(len(t) for t in run(n)), opts.max_tokens,
-                      opts.repeats, num_requests=len(prompts))
-        for name, run in runs.items()
-    }
+    systems = {(name, len(prompts)): (lambda n, run=run: sum(len(t) for t in run(n)))
+               for name, run in runs.items()}
+    rows = {r["system"]: r for r in measure(systems, opts.max_tokens, opts.repeats)}
     print(f"{'system':<22} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'prefill s':>9} "
           f"{'decode tok/s':>12}")
     for r in rows.values():
