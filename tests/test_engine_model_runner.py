@@ -63,6 +63,20 @@ def test_chunked_prefill_of_any_size_changes_nothing(checkpoint, budget):
         assert got == pytest.approx(ref, abs=1e-4)
 
 
+@pytest.mark.parametrize("factor", [0, 10**9])  # always gather each query's top-k / never
+def test_csa_gathered_top_k_and_masked_entries_give_the_same_outputs(checkpoint, monkeypatch,
+                                                                     factor):
+    """Past GATHER_TOPK_FACTOR x index_topk compressed entries the runner gathers each
+    query's top-k instead of masking all entries; either way is the same attention."""
+    from dsv4.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "GATHER_TOPK_FACTOR", factor)
+    path, _, prompts, alone = checkpoint
+    picked = [i for i, p in enumerate(prompts) if len(p) > 200][:3]  # 50+ entries, top-k 6
+    _, outs = _run(path, [prompts[i] for i in picked], max_num_batched_tokens=64)
+    assert [o.token_ids for o in outs] == [alone[i] for i in picked]
+
+
 def test_preemption_under_a_small_cache_gives_the_same_outputs(checkpoint):
     from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout
     from dsv4.engine.model_runner import V4ModelRunner
