@@ -79,14 +79,9 @@ def _shared_key_attention(q, groups, sink, scale) -> torch.Tensor:
     runs in float32 (a bf16 bias would round the sink)."""
     B, T, H, D = q.shape
     keys = torch.cat([*(k.expand(B, -1, -1) for k, _ in groups), q.new_zeros(B, 1, D)], 1)
-    bias = q.new_zeros(B, T, 1, keys.shape[1])
-    start = 0
-    for k, valid in groups:
-        end = start + k.shape[1]
-        bias[:, :, 0, start:end].masked_fill_(~valid.expand(B, T, -1), float("-inf"))
-        start = end
-    bias = bias.expand(B, T, H, -1).clone()
-    bias[..., -1] = sink
+    valid = torch.cat([v.expand(B, T, -1) for _, v in groups], dim=-1)  # [B, T, K]
+    masked = q.new_zeros(B, T, 1, valid.shape[-1]).masked_fill_(~valid[:, :, None], float("-inf"))
+    bias = torch.cat([masked.expand(-1, -1, H, -1), sink.view(1, 1, H, 1).expand(B, T, H, 1)], -1)
     keys = keys[:, None]  # [B, 1, K + 1, D]
     out = F.scaled_dot_product_attention(q.reshape(B, 1, T * H, D), keys, keys,
                                          attn_mask=bias.view(B, 1, T * H, -1), scale=scale)
