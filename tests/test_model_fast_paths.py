@@ -100,3 +100,45 @@ def test_rope_rotates_consecutive_pairs_of_the_last_dims_and_its_inverse_undoes_
     torch.testing.assert_close(out[..., 32:].double(), want, atol=tol, rtol=tol)
     back = apply_rope(out, cos[:, None], -sin[:, None])
     torch.testing.assert_close(back.double(), x.double(), atol=2 * tol, rtol=2 * tol)
+
+
+@pytest.fixture
+def compiling(monkeypatch):
+    """Take the branches that the model runs while torch.compile traces it (the forms inductor
+    fuses), without compiling: cheap checks of the code a compiled graph is made from."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+
+def test_traced_rope_is_the_pairwise_rotation(compiling):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 2, 48, generator=g)
+    cos, sin = rope_cos_sin(torch.arange(5), torch.rand(8, generator=g))
+    traced = apply_rope(x, cos[:, None], sin[:, None])
+    complex_form = torch.view_as_real(
+        torch.view_as_complex(x[..., 32:].unflatten(-1, (-1, 2)))
+        * torch.complex(cos[:, None], sin[:, None])).flatten(-2)
+    torch.testing.assert_close(traced[..., 32:], complex_form, atol=1e-6, rtol=1e-6)
+    assert torch.equal(traced[..., :32], x[..., :32])
+
+
+def test_traced_sinkhorn_sums_over_axes_as_the_served_one_does(monkeypatch):
+    from dsv4.model.hyper import sinkhorn
+
+    comb = torch.softmax(torch.randn(9, 4, 4, generator=torch.Generator().manual_seed(2)), -1)
+    served = sinkhorn(comb, 20, 1e-6)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = sinkhorn(comb, 20, 1e-6)
+    torch.testing.assert_close(traced, served, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(traced.sum(-2), torch.ones(9, 4), atol=1e-5)  # columns normalised last
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_traced_one_token_moe_reads_its_experts_in_place_with_the_loops_result(compiling,
+                                                                                hashed):
+    moe = _moe(hashed, seed=5)
+    x, ids = torch.randn(1, 1, 64), torch.tensor([[7]])
+    with torch.no_grad():
+        looped = moe(x, ids)
+        moe.stack_experts()
+        gathered = moe(x, ids)  # one token while compiling: `_gathered`
+    torch.testing.assert_close(gathered, looped, atol=1e-5, rtol=1e-5)

@@ -96,8 +96,15 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     step. On a CPU (up to `NUMPY_MAX_MATRICES`) it runs in numpy, whose calls cost less than
     torch's; the sums are matmuls (`_spreaders`). Training differentiates through it with the
     closed-form backward of `_Sinkhorn`, not with autograd's record of the loop
-    (tests/test_model_hyper.py checks both against the plain loop).
+    (tests/test_model_hyper.py checks both against the plain loop). In a graph being compiled
+    the sums are plain sums over an axis, which inductor fuses with the divisions into one
+    loop (a matmul would stay a library call per division).
     """
+    if torch.compiler.is_compiling():
+        c = comb.float()
+        for step in range(2 * iters - 1):  # columns (sum over rows), then rows
+            c = c / (c.sum(dim=-2 if step % 2 == 0 else -1, keepdim=True) + eps)
+        return c
     if torch.is_grad_enabled() and comb.requires_grad:
         return _Sinkhorn.apply(comb, iters, eps)
     c, spreaders = _as_arrays(comb.float())

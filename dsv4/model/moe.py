@@ -89,8 +89,13 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices = self.gate(x, ids.reshape(-1))
-        grouped = self._stacked and x.is_cpu and not torch.is_grad_enabled()
-        routed = (self._grouped if grouped else self._looped)(x, weights, indices)
+        if not (self._stacked and x.is_cpu and not torch.is_grad_enabled()):
+            routed = self._looped(x, weights, indices)
+        elif torch.compiler.is_compiling() and len(x) == 1:
+            routed = self._gathered(x, weights, indices)
+        else:
+            routed = grouped_experts(x, weights, indices, self._w1, self._w2, self._w3,
+                                     self.experts[0].limit)
         return (routed + self.shared_experts(x)).view(shape)
 
     def _looped(self, x, weights, indices) -> torch.Tensor:
@@ -103,19 +108,44 @@ class MoE(nn.Module):
             out.index_add_(0, token, self.experts[e](x[token], weights[token, slot]))
         return out
 
-    def _grouped(self, x, weights, indices) -> torch.Tensor:
-        """The same sums as `_looped` (bitwise, on a CPU), each token's experts added in
-        expert order, with one matmul per weight matrix for all experts. The activations are
-        computed in place: four fewer tensors of [tokens * k, inter] each call."""
-        order = indices.flatten().argsort(stable=True)  # (token, slot) pairs by expert
-        token = order // indices.shape[1]
-        ends = torch.bincount(indices.flatten(), minlength=len(self.experts)).cumsum(0)
-        ends = ends.to(torch.int32)
-        rows = x[token]
-        gate = F.grouped_mm(rows, self._w1, offs=ends)
-        up = F.grouped_mm(rows, self._w3, offs=ends)
+    def _gathered(self, x, weights, indices) -> torch.Tensor:
+        """A compiled step of one token: each of its k experts' rows are read where they lie.
+        Written as products and sums over the contiguous input dim, which inductor fuses into
+        one loop per matrix that indexes the stacked weights, so no weights are copied
+        (eagerly they would be). With more tokens each would read its experts' weights again;
+        the grouped matmuls read each expert once."""
+        w1, w2, w3 = (w.transpose(1, 2)[indices] for w in (self._w1, self._w2, self._w3))
+        gate = (x[:, None, None, :] * w1).sum(-1)  # [T, k, inter]
+        up = (x[:, None, None, :] * w3).sum(-1)
         limit = self.experts[0].limit
         if limit is not None:
-            gate.clamp_(max=limit), up.clamp_(-limit, limit)
-        h = F.silu(gate, inplace=True).mul_(up).mul_(weights.flatten()[order, None].to(up.dtype))
-        return torch.zeros_like(x).index_add_(0, token, F.grouped_mm(h, self._w2, offs=ends))
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        h = F.silu(gate) * up * weights[..., None].to(up.dtype)
+        return (h[:, :, None, :] * w2).sum(-1).sum(1)  # [T, dim], slots in order
+
+
+@torch.library.custom_op("dsv4::grouped_experts", mutates_args=())
+def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                    w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                    limit: float | None) -> torch.Tensor:
+    """Routed experts over x [N, dim] as three grouped matmuls over the tokens sorted by
+    expert; w1, w3 [E, dim, inter] and w2 [E, inter, dim] stacked (`MoE.stack_experts`).
+    The same sums as `MoE._looped` (bitwise, on a CPU), each token's experts added in expert
+    order. A custom op, so that a compiled graph calls it as it is: the offsets are data, which
+    `torch.compile` cannot trace through, and grouped_mm's tracing rule wants bf16. The
+    activations are computed in place: four fewer tensors of [tokens * k, inter] each call."""
+    order = indices.flatten().argsort(stable=True)  # (token, slot) pairs by expert
+    token = order // indices.shape[1]
+    ends = torch.bincount(indices.flatten(), minlength=len(w1)).cumsum(0).to(torch.int32)
+    rows = x[token]
+    gate = F.grouped_mm(rows, w1, offs=ends)
+    up = F.grouped_mm(rows, w3, offs=ends)
+    if limit is not None:
+        gate.clamp_(max=limit), up.clamp_(-limit, limit)
+    h = F.silu(gate, inplace=True).mul_(up).mul_(weights.flatten()[order, None].to(up.dtype))
+    return torch.zeros_like(x).index_add_(0, token, F.grouped_mm(h, w2, offs=ends))
+
+
+@grouped_experts.register_fake
+def _(x, weights, indices, w1, w2, w3, limit):
+    return torch.empty_like(x)

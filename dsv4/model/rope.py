@@ -65,9 +65,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Each pair (a, b) is the complex number a + bi, multiplied by cos + i sin: one kernel for
     what the real form (a cos - b sin, a sin + b cos) does in six, over strided halves. The
     same float32 products and sums: bitwise equal to the real form on a 2-core Xeon, and 2.6x
-    faster for 32 tokens or more (1.3x for one).
+    faster for 32 tokens or more (1.3x for one). Inductor generates no code for complex
+    numbers, so a compiled graph gets the real form, which it fuses into one loop anyway.
     """
     rope_dim = 2 * cos.shape[-1]
+    if torch.compiler.is_compiling():
+        rope = x[..., -rope_dim:].float().unflatten(-1, (-1, 2))
+        even, odd = rope[..., 0], rope[..., 1]
+        rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2)
+        return torch.cat([x[..., :-rope_dim], rotated.to(x.dtype)], dim=-1)
     pairs = torch.view_as_complex(x[..., -rope_dim:].float().unflatten(-1, (-1, 2)))
     rotated = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
     return torch.cat([x[..., :-rope_dim], rotated.to(x.dtype)], dim=-1)
