@@ -23,6 +23,9 @@ class EngineConfig:
     num_speculative_tokens: 0, or 1 to decode with the checkpoint's MTP layer as the drafter:
       each decode step verifies the MTP's guess for the next token alongside the current one,
       so a step can yield two tokens. Outputs are those of plain decoding (see llm_engine.py).
+    compile: run steps in which every request decodes one token through `torch.compile`d
+      graphs (engine/decode_graph.py; CPU only). Compiling takes a minute or more the first
+      time (inductor caches the result on disk); `LLM` does it when it starts.
     """
 
     max_num_seqs: int = 64
@@ -33,6 +36,7 @@ class EngineConfig:
     block_size: int = 128
     reference_seq_len: int = DEFAULT_REFERENCE_SEQ_LEN
     num_speculative_tokens: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -48,6 +52,12 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.num_speculative_tokens={self.num_speculative_tokens!r} is not "
                 "supported; use 0 (off) or 1 (one MTP draft token per step)."
+            )
+        if self.compile and self.num_speculative_tokens:
+            raise ValueError(
+                "EngineConfig.compile=True compiles steps in which each request decodes one "
+                "token, and with num_speculative_tokens=1 every step also carries a draft; "
+                "use one of the two."
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"EngineConfig.max_model_len={self.max_model_len} must be >= 2.")

@@ -14,6 +14,7 @@ import torch
 
 from dsv4.engine.batch import RaggedBatch
 from dsv4.engine.config import EngineConfig
+from dsv4.engine.decode_graph import DecodeGraph, is_plain_decode
 from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout, plan_layout
 from dsv4.engine.paged_ops import (
     QueryBlocks,
@@ -55,7 +56,8 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torc
 
 
 class V4ModelRunner(ModelRunner):
-    def __init__(self, model: Transformer, layout: KVCacheLayout, max_model_len: int):
+    def __init__(self, model: Transformer, layout: KVCacheLayout, max_model_len: int,
+                 compile: bool = False):
         self.model = model
         for layer in [*model.layers, *model.mtp]:
             layer.ffn.stack_experts()  # routed experts as grouped matmuls
@@ -75,6 +77,14 @@ class V4ModelRunner(ModelRunner):
                               dtype=dtype if dtype in (torch.uint8, torch.float32) else self.dtype)
             for name, (shape, dtype) in layout.pool_shapes().items()
         }
+        self.decode_graph = None  # plain decode steps compiled (EngineConfig.compile)
+        if compile:
+            if self.device.type != "cpu":
+                raise ValueError(
+                    f"compile=True is implemented and tested on the CPU only; on "
+                    f"{self.device.type} run with compile=False (the default)."
+                )
+            self.decode_graph = DecodeGraph(model, self.pools, layout.block_size, self.fp8)
 
     @classmethod
     def from_pretrained(cls, path, device: str | None = None,
@@ -105,13 +115,15 @@ class V4ModelRunner(ModelRunner):
         layout = plan_layout(spec, config.kv_cache_memory_bytes, config.max_num_seqs,
                              reference_seq_len=min(config.reference_seq_len, max_len),
                              block_size=config.block_size)
-        return cls(model, layout, min(max_len, layout.max_tokens_per_seq))
+        return cls(model, layout, min(max_len, layout.max_tokens_per_seq), config.compile)
 
     # ------------------------------------------------------------------ forward
 
     @torch.inference_mode()
     def execute_model(self, batch: RaggedBatch) -> torch.Tensor:
         batch = batch.to(self.device)
+        if self.decode_graph is not None and is_plain_decode(batch):
+            return self.decode_graph(batch)
         m = self.model
         blocks = self._query_blocks(batch)
         ids = batch.input_ids[None]  # [1, T]: the ragged batch as one flat row

@@ -1,0 +1,263 @@
+"""Decode steps with static shapes, for `torch.compile`.
+
+When every scheduled request decodes one token (the steady state of serving), a step is the
+same math as the runner's general ragged path, written here so that each transformer block
+traces to one graph:
+
+* every shape depends only on the number of requests B and the entry counts E of the
+  compressed layers (CSA padded to at least the indexer's top-k, HCA to at least 2), never
+  on values, so B and E are symbolic and one graph serves every batch and context length;
+* what the general path skips by a host-side test is done for every request and masked: each
+  compressor pools its window on every step, and the entry is stored only where the window
+  closed (any other request rewrites a row it owns with the value it holds);
+* CSA layers always attend to the indexer's gathered top-k (the general path attends to all
+  entries under the top-k mask while there are few; the sums are the same).
+
+Blocks are compiled one at a time (regional compilation): layers of the same kind share a
+graph, so compiling costs the same for 4 layers or 61. A single request (B = 1) gets graphs of
+its own, in which inductor turns one-row matrix products into fused loops instead of BLAS
+calls. Eagerly, a decode step of the small benchmark config is about 1,500 torch ops, each
+dispatched for more time than its arithmetic takes on a CPU; docs/benchmarks.md has what
+compiling gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.engine.batch import RaggedBatch
+from dsv4.model.attention import quantize_indexer, quantize_kv_nope, sparse_attention, stable_topk
+from dsv4.model.compressor import Compressor
+from dsv4.model.hyper import hc_post
+from dsv4.model.norm import rms_normalize
+from dsv4.model.rope import apply_rope, rope_cos_sin
+from dsv4.model.transformer import Block, Transformer
+from dsv4.quant.kv import pack_kv_fp8, unpack_kv_fp8
+
+MIN_HCA_ENTRIES = 2  # dynamo specialises sizes 0 and 1; pad past them so one graph serves all
+# inductor options: one-row matrix products (B = 1) as fused loops, not BLAS calls
+COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+
+
+@dataclass
+class EntryRows:
+    """Where a compressed layer's entries of each request live, for one decode step.
+
+    rows: [B, E] flat pool rows of entries 0..E-1 (0 where there is none); valid: [B, E] the
+    entry exists and the token may see it; closes: [B] the token closes a window; write: [B]
+    the pool row of entry position // ratio, which a closing token fills and any other token
+    rewrites with its own value (its block exists: the token is in it)."""
+
+    rows: torch.Tensor
+    valid: torch.Tensor
+    closes: torch.Tensor
+    write: torch.Tensor
+
+
+def is_plain_decode(batch: RaggedBatch) -> bool:
+    """Every request brings one token and samples once: the shape the decode graph serves."""
+    return batch.num_tokens == len(batch.scheduled) == len(batch.logits_indices)
+
+
+def entry_rows(batch: RaggedBatch, ratio: int, block_size: int, min_entries: int) -> EntryRows:
+    positions = batch.positions  # one token per request
+    num_entries = (positions + 1) // ratio  # [B] visible to this token
+    width = max(int(num_entries.max()), min_entries)
+    w = torch.arange(width, device=positions.device)[None, :]  # [1, E]
+    valid = w < num_entries[:, None]
+    per_block = block_size // ratio
+    col = ((w * ratio) // block_size).clamp(max=batch.block_tables.shape[1] - 1)
+    block = batch.block_tables.gather(1, col.expand(len(positions), -1))
+    rows = (block * per_block + w % per_block).masked_fill(~valid, 0)
+    own_block = batch.block_tables.gather(1, (positions // block_size)[:, None])[:, 0]
+    write = own_block * per_block + (positions // ratio) % per_block
+    return EntryRows(rows, valid, (positions + 1) % ratio == 0, write)
+
+
+@dataclass
+class Flags:
+    """How the cache stores things (constant for a runner)."""
+
+    kv_fp8: bool  # the model rounds KV to FP8 values
+    indexer_fp4: bool  # the model rounds indexer queries and keys to FP4 values
+    packed: bool  # pools hold packed 584-byte FP8 entries
+
+
+class DecodeGraph:
+    """Plain decode steps of a `V4ModelRunner` over its model and cache pools, by blocks
+    compiled on first use (or run eagerly with `compile=False`, which tests the same code
+    cheaply). The runner sends everything else (prefill chunks, mixed steps, MTP drafts)
+    down its general path."""
+
+    def __init__(self, model: Transformer, pools: dict[str, torch.Tensor], block_size: int,
+                 packed: bool, compile: bool = True) -> None:
+        self.model, self.block_size = model, block_size
+        self.flags = Flags(model.kv_fp8, model.indexer_fp4, packed)
+        self.layer_pools = [
+            {key: pools[f"{i}.{key}"] for key in POOL_KEYS if f"{i}.{key}" in pools}
+            for i in range(len(model.layers))
+        ]
+        self.ratios = sorted({layer.ratio for layer in model.layers} - {0})
+        self.min_entries = {4: model.args.index_topk, 128: MIN_HCA_ENTRIES}
+        self.block = decode_block
+        self.warmed_up = False  # see `__call__`
+        if compile:
+            # graphs per kind of block (ratio, hashed router) and per B = 1 or B > 1
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+            self.block = torch.compile(decode_block, fullgraph=True, options=COMPILE_OPTIONS)
+
+    def __call__(self, batch: RaggedBatch) -> torch.Tensor:
+        """-> logits [B, vocab] float32 of a plain decode batch; the pools are updated.
+
+        Once `warmed_up` (the engine ran one step of one request and one of two), every graph
+        this runner can need exists: one per kind of block and per B = 1 or B > 1, with B and
+        E symbolic. Dynamo then checks only the guards that tell those graphs apart, not the
+        hundreds on parameters and pools that cannot change (a check of a block's guards
+        cost ~0.4 ms per call on a 2-core CPU, more than a fifth of the block)."""
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.warmed_up):
+            return self._step(batch)
+
+    def _step(self, batch: RaggedBatch) -> torch.Tensor:
+        m = self.model
+        entries = {r: entry_rows(batch, r, self.block_size, self.min_entries[r])
+                   for r in self.ratios}
+        ids, positions, slots = batch.input_ids, batch.positions, batch.state_slots
+        for rows in entries.values():
+            for t in (rows.rows, rows.valid):  # one graph for every context length
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+        if len(ids) > 1:  # one graph for every batch size above one
+            tensors = [ids, positions, slots]
+            for rows in entries.values():
+                tensors += [rows.rows, rows.valid, rows.closes, rows.write]
+            for t in tensors:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        x = m.embed(ids[None])[:, :, None, :].expand(-1, -1, m.args.hc_mult, -1).contiguous()
+        for layer, pools in zip(m.layers, self.layer_pools):
+            x = self.block(layer, x, ids, positions, slots, entries.get(layer.ratio), pools,
+                           m._inv_freq(layer.ratio), self.flags)
+        return m._head(x, m, m.norm)[0]
+
+
+POOL_KEYS = ("window_kv", "compressed_kv", "compressor_kv", "compressor_score", "index_keys",
+             "index_compressor_kv", "index_compressor_score")
+
+
+def decode_block(layer: Block, x, ids, positions, slots, rows: EntryRows | None, pools: dict,
+                 inv_freq, flags: Flags) -> torch.Tensor:
+    """One block for B decode tokens: streams x [1, B, n, D] -> [1, B, n, D]."""
+    h, post, comb = layer._pre(x, "attn")
+    cos, sin = rope_cos_sin(positions, inv_freq)  # [B, rd/2]
+    step = _Step(positions, slots, rows, pools, cos, sin, inv_freq, flags)
+    x = hc_post(_attention(layer.attn, layer.attn_norm(h), step), x, post, comb)
+    h, post, comb = layer._pre(x, "ffn")
+    return hc_post(layer.ffn(layer.ffn_norm(h), ids[None]), x, post, comb)
+
+
+@dataclass
+class _Step:
+    positions: torch.Tensor  # [B]
+    slots: torch.Tensor  # [B] state slots
+    rows: EntryRows | None
+    pools: dict
+    cos: torch.Tensor
+    sin: torch.Tensor
+    inv_freq: torch.Tensor
+    flags: Flags
+
+
+def _attention(attn, x: torch.Tensor, step: _Step) -> torch.Tensor:
+    B, H, hd, ratio, flags = x.shape[1], attn.n_heads, attn.head_dim, attn.ratio, step.flags
+    cos, sin = step.cos, step.sin
+    qr = attn.q_norm(attn.wq_a(x))  # [1, B, q_lora]
+    q = rms_normalize(attn.wq_b(qr).view(B, H, hd), attn.eps).to(x.dtype)
+    q = apply_rope(q, cos[:, None], sin[:, None])
+    kv = apply_rope(attn.kv_norm(attn.wkv(x))[0], cos, sin)  # [B, hd]
+    keep = (lambda t: quantize_kv_nope(t, attn.rope_dim)) if flags.kv_fp8 else (lambda t: t)
+    kv = keep(kv)
+    window = step.pools["window_kv"]
+    prior, prior_ok = _ring_read(window, step, window.shape[1] - 1)  # [B, W - 1, C]
+    keys = [torch.cat([_read(prior, kv.dtype, flags.packed), kv[:, None]], dim=1)]
+    valid = [torch.cat([prior_ok, prior_ok.new_ones(B, 1)], dim=1)]
+    if ratio:
+        new = _compress(attn.compressor, x, step, "compressor", lambda t: keep(t.to(kv.dtype)))
+        entries = _entries(step.pools["compressed_kv"], step.rows, new, kv.dtype, flags.packed)
+        seen = step.rows.valid  # [B, E]
+        if ratio == 4:
+            idx = attn.indexer
+            to_key = quantize_indexer if flags.indexer_fp4 else (lambda t: t)
+            new_key = _compress(idx.compressor, x, step, "index_compressor", to_key)
+            ikeys = _entries(step.pools["index_keys"], step.rows, new_key, torch.float32, False)
+            qi = idx.wq_b(qr).view(B, idx.n_heads, idx.head_dim).float()
+            qi = to_key(apply_rope(qi, cos[:, None], sin[:, None]))
+            w = idx.weights_proj(x)[0].float() * (idx.head_dim**-0.5 * idx.n_heads**-0.5)
+            relu = torch.relu(torch.einsum("bhd,bed->bhe", qi, ikeys))
+            scores = torch.einsum("bhe,bh->be", relu, w).masked_fill(~seen, float("-inf"))
+            top = stable_topk(scores, idx.topk)  # [B, k]
+            entries = entries.gather(1, top[..., None].expand(-1, -1, entries.shape[-1]))
+            seen = seen.gather(1, top)
+        keys.append(entries)
+        valid.append(seen)
+    groups = [(k, v[:, None]) for k, v in zip(keys, valid)]  # keys [B, K, C] for one query
+    o = sparse_attention(q[:, None], groups, attn.attn_sink, attn.scale)[:, 0]  # [B, H, hd]
+    _ring_write(window, step, kv, flags.packed)
+    o = apply_rope(o, cos[:, None], -sin[:, None])  # undo the query rotation
+    g, rank = attn.wo_a.weight.shape[0] // attn.args.o_lora_rank, attn.args.o_lora_rank
+    o = torch.einsum("bgd,grd->bgr", o.reshape(B, g, -1), attn.wo_a.weight.view(g, rank, -1))
+    return attn.wo_b(o.flatten(1))[None]  # [1, B, D]
+
+
+def _compress(comp: Compressor, x, step: _Step, state: str, finish) -> torch.Tensor:
+    """Each token's window pooled as if it closed here -> [B, dim] (`finish` applied); the
+    token's compressor rows go into the state rings."""
+    ratio, dim = comp.ratio, comp.head_dim
+    xf = x[0].float()
+    kv = xf @ comp.wkv.weight.float().T  # [B, (1 + overlap) * dim]
+    score = xf @ comp.wgate.weight.float().T + comp.ape.float()[step.positions % ratio]
+    ring_kv, ring_score = step.pools[f"{state}_kv"], step.pools[f"{state}_score"]
+    size = ring_kv.shape[1]  # the positions p - size + 1 .. p, oldest first
+    prior_kv, ok = _ring_read(ring_kv, step, size - 1)
+    prior_score, _ = _ring_read(ring_score, step, size - 1)
+    rows_kv = torch.cat([prior_kv, kv[:, None]], dim=1)  # [B, size, C]
+    rows_score = torch.cat([prior_score, score[:, None]], dim=1)
+    ok = torch.cat([ok, ok.new_ones(ok.shape[0], 1)], dim=1)
+    _ring_write(ring_kv, step, kv)
+    _ring_write(ring_score, step, score)
+    if comp.overlap:  # the previous window's Ca rows, then this window's Cb rows
+        rows_kv = torch.cat([rows_kv[:, :ratio, :dim], rows_kv[:, ratio:, dim:]], dim=1)
+        rows_score = torch.cat([rows_score[:, :ratio, :dim], rows_score[:, ratio:, dim:]], dim=1)
+    rows_score = rows_score.masked_fill(~ok[..., None], float("-inf"))
+    pooled = comp.norm((rows_kv * rows_score.softmax(dim=1)).sum(dim=1))  # [B, dim]
+    cos, sin = rope_cos_sin(step.positions - ratio + 1, step.inv_freq)  # the window's start
+    return finish(apply_rope(pooled, cos, sin))
+
+
+def _ring_read(ring, step: _Step, num_rows: int):
+    """Rows of positions p - num_rows .. p - 1 of each token's ring -> [B, num_rows, C], and
+    whether each position exists (>= 0)."""
+    size = ring.shape[1]
+    pos = step.positions[:, None] + torch.arange(-num_rows, 0, device=ring.device)
+    rows = step.slots[:, None] * size + pos % size
+    return ring.view(-1, *ring.shape[2:])[rows], pos >= 0
+
+
+def _ring_write(ring, step: _Step, values, packed: bool = False) -> None:
+    size = ring.shape[1]
+    if packed:
+        values = pack_kv_fp8(values)
+    ring.view(-1, *ring.shape[2:])[step.slots * size + step.positions % size] = \
+        values.to(ring.dtype)
+
+
+def _read(stored, dtype, packed: bool):
+    return unpack_kv_fp8(stored, dtype) if packed else stored.to(dtype)
+
+
+def _entries(pool, rows: EntryRows, new, dtype, packed: bool):
+    """Store the new entry where a window closed, then read every request's entries
+    [B, E, C] (the new one among them)."""
+    flat = pool.view(-1, *pool.shape[2:])
+    stored = pack_kv_fp8(new) if packed else new.to(pool.dtype)
+    flat[rows.write] = torch.where(rows.closes[:, None], stored, flat[rows.write])
+    return _read(flat[rows.rows], dtype, packed)

@@ -1,0 +1,131 @@
+"""The decode step written for torch.compile (dsv4/engine/decode_graph.py): run eagerly, it
+must give the outputs of the runner's general path and of the model alone; compiled, the same.
+
+The eager runs check the graph's math in seconds; the compiled run costs a few minutes of
+inductor on a 2-core CPU and checks what dynamo and inductor make of it: symbolic batch size
+and entry counts, in-place cache writes, and the guard-free calls after warm-up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from v4_oracle import hf_model, released_state_dict, tiny_args
+
+import dsv4
+from dsv4.checkpoint.writer import write_checkpoint
+from dsv4.engine.config import EngineConfig
+from dsv4.engine.decode_graph import DecodeGraph
+from dsv4.engine.llm import LLM
+from dsv4.engine.model_runner import V4ModelRunner
+from dsv4.engine.sampling_params import SamplingParams
+from dsv4.model.transformer import Transformer
+from dsv4.train.trainer import init_weights
+
+# 5: inside the window (16); 40, 61: a few CSA entries; 130, 255: the first HCA entries
+# (ratio 128) and more CSA entries than 4x top-k (6); the outputs cross 128 and 256
+LENGTHS = [5, 40, 61, 130, 250, 255]
+# different lengths, so that the batch shrinks to one request before the end
+MAX_TOKENS = [12, 20, 6, 16, 9, 24]
+
+
+def _checkpoint(tmp_path_factory, **overrides):
+    args = tiny_args(**overrides)
+    hf = hf_model(args)
+    path = tmp_path_factory.mktemp("v4")
+    write_checkpoint(released_state_dict(hf, args), path, config=args.to_dict())
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, args.vocab_size, (n,), generator=g).tolist() for n in LENGTHS]
+    model = dsv4.load_model(path, device="cpu", dtype=torch.float32, kv_cache_dtype="auto",
+                            indexer_cache_dtype="auto")
+    alone = [model.generate(torch.tensor([p]), n)[0, len(p):].tolist()
+             for p, n in zip(prompts, MAX_TOKENS)]
+    return path, prompts, alone
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _checkpoint(tmp_path_factory)  # window-only, CSA, HCA and CSA layers
+
+
+@pytest.fixture(scope="module")
+def two_layers(tmp_path_factory):
+    """A hashed CSA layer and an HCA layer: every kind of graph but the window-only block's,
+    at half the compile time of the four-layer model."""
+    return _checkpoint(tmp_path_factory, num_hidden_layers=2, compress_ratios=[4, 128, 0])
+
+
+def _generate(llm: LLM, prompts) -> list[list[int]]:
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
+    return [o.token_ids for o in llm.generate(prompts, params)]
+
+
+class _Counting:
+    """Counts the steps a decode graph serves."""
+
+    def __init__(self, graph: DecodeGraph) -> None:
+        self.graph, self.steps, self.batch_sizes = graph, 0, set()
+
+    def __call__(self, batch):
+        self.steps += 1
+        self.batch_sizes.add(batch.num_tokens)
+        return self.graph(batch)
+
+
+def _engine(path, **kwargs) -> LLM:
+    return LLM(model=str(path), device="cpu", dtype="fp32", max_num_seqs=8,
+               max_num_batched_tokens=512, kv_cache_memory_bytes=32 << 20, **kwargs)
+
+
+def test_decode_graph_run_eagerly_equals_the_model_alone(checkpoint):
+    path, prompts, alone = checkpoint
+    llm = _engine(path)
+    runner = llm.engine.runner
+    graph = _Counting(DecodeGraph(runner.model, runner.pools, runner.layout.block_size,
+                                  runner.fp8, compile=False))
+    runner.decode_graph = graph
+    assert _generate(llm, prompts) == alone
+    assert graph.steps >= max(MAX_TOKENS) - 1  # every decode step went through the graph
+    assert {1, len(prompts)} <= graph.batch_sizes
+
+
+def test_decode_graph_reads_and_writes_packed_fp8_entries_as_the_general_path():
+    """kv_cache_dtype="fp8": the graph packs window rows and compressed entries into
+    584-byte entries and unpacks what it reads, as the general path does (FP4 indexer too)."""
+    args = tiny_args(head_dim=512, qk_rope_head_dim=64, index_head_dim=128,
+                     num_hidden_layers=2, compress_ratios=[4, 128, 0])  # released geometry
+    model = Transformer(args, kv_cache_dtype="fp8", indexer_cache_dtype="fp4")
+    init_weights(model, seed=3)
+    model.eval()
+    config = EngineConfig(kv_cache_dtype="fp8", max_num_seqs=4,
+                          kv_cache_memory_bytes=64 << 20)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, args.vocab_size, (n,), generator=g).tolist()
+               for n in (7, 140, 257)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outputs = []
+    for use_graph in (False, True):
+        runner = V4ModelRunner.for_model(model, config)
+        assert runner.pools["0.compressed_kv"].dtype == torch.uint8
+        if use_graph:
+            runner.decode_graph = DecodeGraph(model, runner.pools, runner.layout.block_size,
+                                              runner.fp8, compile=False)
+        llm = LLM(runner=runner, max_num_seqs=4, kv_cache_dtype="fp8")
+        outputs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert outputs[0] == outputs[1]
+
+
+def test_compile_and_mtp_drafts_are_refused_together():
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        EngineConfig(compile=True, num_speculative_tokens=1)
+
+
+def test_compiled_decode_steps_give_the_outputs_of_the_model_alone(two_layers):
+    path, prompts, alone = two_layers
+    llm = _engine(path, compile=True)  # compiles one step of one request and one of two
+    graph = llm.engine.runner.decode_graph
+    assert graph.warmed_up
+    counting = _Counting(graph)
+    llm.engine.runner.decode_graph = counting
+    assert _generate(llm, prompts) == alone
+    assert counting.steps >= max(MAX_TOKENS) - 1
+    assert {1, len(prompts)} <= counting.batch_sizes
