@@ -39,6 +39,7 @@ def build_engine(args: ServerArgs) -> tuple[LLMEngine, Tokenizer]:
         max_model_len=args.max_model_len,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         num_speculative_tokens=args.num_speculative_tokens,
+        compile=args.compile,
         tokenizer=tokenizer,
     )
     return llm.engine, tokenizer

@@ -41,6 +41,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "bf16 matmuls)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="longest conversation + answer in tokens (default: the model's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step first (CPU; a minute or more the first "
+                             "time, then about 3x faster tokens)")
     thinking = parser.add_mutually_exclusive_group()
     thinking.add_argument("--thinking", dest="thinking", action="store_true", default=True,
                           help="reason before answering (the default, as in DeepSeek's API)")
@@ -60,8 +63,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_llm(args: argparse.Namespace):
     from dsv4.engine.llm import LLM
 
+    if args.compile:
+        print("compiling the decode step (a minute or more the first time on a CPU)...",
+              file=sys.stderr, flush=True)
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=1,
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len, compile=args.compile)
     if llm.engine.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json; chat needs the model's tokenizer "
                          "next to its weights")

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=d["num_speculative_tokens"].default,
                         help="1: decode with the model's MTP layer as drafter (same outputs, "
                              "up to 2 tokens per step); 0: off")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step at start-up (CPU; a minute or more the "
+                             "first time, cached on disk), for about 3x faster tokens")
     parser.add_argument("--max-queue", type=int, default=d["max_queue"].default,
                         help="sequences that may wait beyond --max-num-seqs before 429")
     parser.add_argument("--shutdown-timeout", type=float, default=d["shutdown_timeout_s"].default,
@@ -59,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     from dsv4.server.app import create_app
 
     server_args = ServerArgs(**vars(args))
+    if server_args.compile:
+        print("dsv4 serve: compiling the decode step (a minute or more the first time on a "
+              "CPU)...", flush=True)
     app = create_app(server_args)
     print(f"dsv4 serve: {server_args.served_model_names[0]} from {server_args.model} on "
           f"http://{server_args.host}:{server_args.port} (OpenAI /v1/chat/completions, "

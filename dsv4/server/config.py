@@ -36,6 +36,7 @@ class ServerArgs:
     max_model_len: int | None = None
     kv_cache_memory_bytes: int | None = None
     num_speculative_tokens: int = 0
+    compile: bool = False
     max_queue: int = 256
     shutdown_timeout_s: float = 30.0
     max_request_bytes: int = 64 << 20
