@@ -9,7 +9,11 @@ Also reports the hardware limit of a single request: the weights one decode step
 (routed experts at k of E), over the memory bandwidth a large matrix-vector product reaches
 in this process. Prints a table, then one JSON line.
 
-    python benchmarks/engine_throughput.py [--prompt-len 256 --output-len 64]
+    python benchmarks/engine_throughput.py [--prompt-len 256 --output-len 64] [--compile]
+
+With --compile the engine rows are run twice, eagerly and with `compile=True` (decode steps
+through torch.compile'd graphs), in the same process; compiling happens before the timing and
+its time is reported apart, as a server's start-up would be.
 """
 
 from __future__ import annotations
@@ -114,6 +118,8 @@ def main() -> int:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="weights and activations of both systems (bf16: what a CPU with "
                              "bf16 matmuls loads by default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the engine with compile=True (compiled decode steps)")
     opts = parser.parse_args()
     args = tiny_args(**SMALL)
     hf = hf_model(args)
@@ -121,15 +127,23 @@ def main() -> int:
     levels = [int(c) for c in opts.concurrency.split(",")]
     prompts = [torch.randint(2, args.vocab_size, (opts.prompt_len,), generator=g).tolist()
                for _ in range(max(levels))]
+    engines = {"dsv4 engine": False, **({"dsv4 engine, compiled": True} if opts.compile else {})}
+    llms, compile_s = {}, None
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(released_state_dict(hf, args), tmp, config=args.to_dict())
-        llm = LLM(model=tmp, device="cpu", dtype=opts.dtype, max_num_seqs=max(levels),
-                  max_num_batched_tokens=2048, kv_cache_memory_bytes=256 << 20)
-    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
-    weight_bytes = decode_weight_bytes(llm.engine.runner.model)
+        for name, compiled in engines.items():
+            start = time.perf_counter()
+            llms[name] = LLM(model=tmp, device="cpu", dtype=opts.dtype,
+                             max_num_seqs=max(levels), max_num_batched_tokens=2048,
+                             kv_cache_memory_bytes=256 << 20, compile=compiled)
+            if compiled:
+                compile_s = time.perf_counter() - start
+    for llm in llms.values():
+        llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    weight_bytes = decode_weight_bytes(llms["dsv4 engine"].engine.runner.model)
     hf.to(torch.bfloat16 if opts.dtype == "bf16" else torch.float32)
 
-    def engine_run(n, c):
+    def engine_run(n, c, llm):
         outs = llm.generate(prompts[:c], SamplingParams(temperature=0, max_tokens=n,
                                                         ignore_eos=True))
         return sum(len(o.token_ids) for o in outs)
@@ -140,45 +154,54 @@ def main() -> int:
                               eos_token_id=None, pad_token_id=0)
         return out.shape[1] - opts.prompt_len
 
-    systems = {("dsv4 engine", c): functools.partial(engine_run, c=c) for c in levels}
+    systems = {(name, c): functools.partial(engine_run, c=c, llm=llm)
+               for name, llm in llms.items() for c in levels}
     systems[("transformers generate", 1)] = hf_run
     rows = measure(systems, opts.output_len, opts.repeats)
 
-    single = next(r for r in rows if r["system"] == "dsv4 engine" and r["requests"] == 1)
-    hf_row = rows[-1]
+    def row(system, requests):
+        return next(r for r in rows if r["system"] == system and r["requests"] == requests)
+
+    hf_row = row("transformers generate", 1)
     print(f"{'system':<22} {'concurrency':>11} {'tokens':>7} {'seconds':>8} {'tok/s':>8} "
           f"{'vs 1 req':>8} {'prefill s':>9} {'decode tok/s':>12}")
     for r in rows:
-        scale = r["output_tok_s"] / single["output_tok_s"]
+        scale = r["output_tok_s"] / row(r["system"], 1)["output_tok_s"]
         print(f"{r['system']:<22} {r['requests']:>11} {r['output_tokens']:>7} "
               f"{r['seconds']:>8.2f} {r['output_tok_s']:>8.1f} {scale:>7.2f}x "
               f"{r['prefill_seconds']:>9.3f} {r['decode_tok_s']:>12.1f}")
-    widest = max((r for r in rows if r["system"] == "dsv4 engine"),
-                 key=lambda r: r["requests"])
-    summary = {"scaling_at_max_concurrency": widest["output_tok_s"] / single["output_tok_s"],
-               "decode_scaling_at_max_concurrency":
-                   widest["decode_tok_s"] / single["decode_tok_s"],
-               "single_request_vs_transformers": single["output_tok_s"] / hf_row["output_tok_s"],
-               "single_request_decode_vs_transformers":
-                   single["decode_tok_s"] / hf_row["decode_tok_s"]}
-    print(f"engine at {max(levels)} requests: {summary['scaling_at_max_concurrency']:.1f}x one "
-          f"request end to end, {summary['decode_scaling_at_max_concurrency']:.1f}x in decode; "
-          f"one request vs transformers: "
-          f"{summary['single_request_vs_transformers']:.2f}x end to end, "
-          f"{summary['single_request_decode_vs_transformers']:.2f}x in decode")
     bandwidth = read_bandwidth()
     bound = bandwidth / weight_bytes  # decode tokens/s if reading the weights were all it cost
-    summary.update(decode_weight_mb=weight_bytes / 1e6, read_gb_s=bandwidth / 1e9,
-                   decode_bound_tok_s=bound,
-                   single_request_of_bound=single["decode_tok_s"] / bound,
-                   transformers_of_bound=hf_row["decode_tok_s"] / bound)
+    summaries = {}
+    for name in engines:
+        single, widest = row(name, 1), row(name, max(levels))
+        summary = {"scaling_at_max_concurrency": widest["output_tok_s"] / single["output_tok_s"],
+                   "decode_scaling_at_max_concurrency":
+                       widest["decode_tok_s"] / single["decode_tok_s"],
+                   "single_request_vs_transformers":
+                       single["output_tok_s"] / hf_row["output_tok_s"],
+                   "single_request_decode_vs_transformers":
+                       single["decode_tok_s"] / hf_row["decode_tok_s"],
+                   "single_request_of_bound": single["decode_tok_s"] / bound}
+        summaries[name] = summary
+        print(f"{name} at {max(levels)} requests: {summary['scaling_at_max_concurrency']:.1f}x "
+              f"one request end to end, {summary['decode_scaling_at_max_concurrency']:.1f}x in "
+              f"decode; one request vs transformers: "
+              f"{summary['single_request_vs_transformers']:.2f}x end to end, "
+              f"{summary['single_request_decode_vs_transformers']:.2f}x in decode")
+    if compile_s is not None:
+        print(f"compiling the decode step took {compile_s:.0f} s before the timing")
     print(f"one decode token reads {weight_bytes / 1e6:.1f} MB of weights; at "
-          f"{bandwidth / 1e9:.1f} GB/s that bounds one request at {bound:.0f} tok/s: the engine "
-          f"decodes at {summary['single_request_of_bound']:.0%} of it, transformers at "
-          f"{summary['transformers_of_bound']:.0%}")
+          f"{bandwidth / 1e9:.1f} GB/s that bounds one request at {bound:.0f} tok/s: "
+          + ", ".join(f"{name} decodes at {s['single_request_of_bound']:.0%} of it"
+                      for name, s in summaries.items())
+          + f", transformers at {hf_row['decode_tok_s'] / bound:.0%}")
     print(json.dumps({"benchmark": "engine_throughput", "prompt_len": opts.prompt_len,
-                      "dtype": opts.dtype,
-                      "output_len": opts.output_len, "config": SMALL, "rows": rows, **summary}))
+                      "dtype": opts.dtype, "output_len": opts.output_len, "config": SMALL,
+                      "rows": rows, "engines": summaries, "compile_s": compile_s,
+                      "decode_weight_mb": weight_bytes / 1e6, "read_gb_s": bandwidth / 1e9,
+                      "decode_bound_tok_s": bound,
+                      "transformers_of_bound": hf_row["decode_tok_s"] / bound}))
     return 0
 
 

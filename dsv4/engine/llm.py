@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,12 @@ class LLM:
                  "inductor caches it on disk)")
         start = time.perf_counter()
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-        self.engine.generate([[1, 2]], params)
-        self.engine.generate([[1, 2], [3, 4]], params)
+        with warnings.catch_warnings():
+            # dynamo notes that it traces through functools.cache; those functions build
+            # constant tensors (Sinkhorn's 0/1 matrices, FP4 tables), which it may rebuild
+            warnings.filterwarnings("ignore", message=".*functools.lru_cache")
+            self.engine.generate([[1, 2]], params)
+            self.engine.generate([[1, 2], [3, 4]], params)
         graph.warmed_up = True
         log.info("decode step compiled in %.0f s", time.perf_counter() - start)
 
