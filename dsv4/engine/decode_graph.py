@@ -31,7 +31,6 @@ from dsv4.engine.batch import RaggedBatch
 from dsv4.model.attention import quantize_indexer, quantize_kv_nope, sparse_attention, stable_topk
 from dsv4.model.compressor import Compressor
 from dsv4.model.hyper import hc_post
-from dsv4.model.norm import rms_normalize
 from dsv4.model.rope import apply_rope, rope_cos_sin
 from dsv4.model.transformer import Block, Transformer
 from dsv4.quant.kv import pack_kv_fp8, unpack_kv_fp8
@@ -127,13 +126,12 @@ class DecodeGraph:
         for rows in entries.values():
             for t in (rows.rows, rows.valid):  # one graph for every context length
                 torch._dynamo.maybe_mark_dynamic(t, 1)
-        if len(ids) > 1:  # one graph for every batch size above one
-            tensors = [ids, positions, slots]
-            for rows in entries.values():
-                tensors += [rows.rows, rows.valid, rows.closes, rows.write]
-            for t in tensors:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
         x = m.embed(ids[None])[:, :, None, :].expand(-1, -1, m.args.hc_mult, -1).contiguous()
+        if len(ids) > 1:  # one graph for every batch size above one
+            torch._dynamo.maybe_mark_dynamic(x, 1)
+            for t in [ids, positions, slots, *(t for r in entries.values() for t in
+                                              (r.rows, r.valid, r.closes, r.write))]:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         for layer, pools in zip(m.layers, self.layer_pools):
             x = self.block(layer, x, ids, positions, slots, entries.get(layer.ratio), pools,
                            m._inv_freq(layer.ratio), self.flags)
@@ -168,12 +166,10 @@ class _Step:
 
 
 def _attention(attn, x: torch.Tensor, step: _Step) -> torch.Tensor:
-    B, H, hd, ratio, flags = x.shape[1], attn.n_heads, attn.head_dim, attn.ratio, step.flags
+    B, ratio, flags = x.shape[1], attn.ratio, step.flags
     cos, sin = step.cos, step.sin
-    qr = attn.q_norm(attn.wq_a(x))  # [1, B, q_lora]
-    q = rms_normalize(attn.wq_b(qr).view(B, H, hd), attn.eps).to(x.dtype)
-    q = apply_rope(q, cos[:, None], sin[:, None])
-    kv = apply_rope(attn.kv_norm(attn.wkv(x))[0], cos, sin)  # [B, hd]
+    qr, q, kv = attn.project(x, cos, sin)  # [1, B, q_lora], [1, B, H, hd], [1, B, hd]
+    q, kv = q[0], kv[0]
     keep = (lambda t: quantize_kv_nope(t, attn.rope_dim)) if flags.kv_fp8 else (lambda t: t)
     kv = keep(kv)
     window = step.pools["window_kv"]
@@ -203,7 +199,7 @@ def _attention(attn, x: torch.Tensor, step: _Step) -> torch.Tensor:
     o = sparse_attention(q[:, None], groups, attn.attn_sink, attn.scale)[:, 0]  # [B, H, hd]
     _ring_write(window, step, kv, flags.packed)
     o = apply_rope(o, cos[:, None], -sin[:, None])  # undo the query rotation
-    g, rank = attn.wo_a.weight.shape[0] // attn.args.o_lora_rank, attn.args.o_lora_rank
+    g, rank = attn.args.o_groups, attn.args.o_lora_rank
     o = torch.einsum("bgd,grd->bgr", o.reshape(B, g, -1), attn.wo_a.weight.view(g, rank, -1))
     return attn.wo_b(o.flatten(1))[None]  # [1, B, D]
 
@@ -211,7 +207,7 @@ def _attention(attn, x: torch.Tensor, step: _Step) -> torch.Tensor:
 def _compress(comp: Compressor, x, step: _Step, state: str, finish) -> torch.Tensor:
     """Each token's window pooled as if it closed here -> [B, dim] (`finish` applied); the
     token's compressor rows go into the state rings."""
-    ratio, dim = comp.ratio, comp.head_dim
+    ratio = comp.ratio
     xf = x[0].float()
     kv = xf @ comp.wkv.weight.float().T  # [B, (1 + overlap) * dim]
     score = xf @ comp.wgate.weight.float().T + comp.ape.float()[step.positions % ratio]
@@ -224,11 +220,7 @@ def _compress(comp: Compressor, x, step: _Step, state: str, finish) -> torch.Ten
     ok = torch.cat([ok, ok.new_ones(ok.shape[0], 1)], dim=1)
     _ring_write(ring_kv, step, kv)
     _ring_write(ring_score, step, score)
-    if comp.overlap:  # the previous window's Ca rows, then this window's Cb rows
-        rows_kv = torch.cat([rows_kv[:, :ratio, :dim], rows_kv[:, ratio:, dim:]], dim=1)
-        rows_score = torch.cat([rows_score[:, :ratio, :dim], rows_score[:, ratio:, dim:]], dim=1)
-    rows_score = rows_score.masked_fill(~ok[..., None], float("-inf"))
-    pooled = comp.norm((rows_kv * rows_score.softmax(dim=1)).sum(dim=1))  # [B, dim]
+    pooled = comp.pool_rows(rows_kv, rows_score, ok)  # [B, dim]
     cos, sin = rope_cos_sin(step.positions - ratio + 1, step.inv_freq)  # the window's start
     return finish(apply_rope(pooled, cos, sin))
 

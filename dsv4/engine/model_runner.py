@@ -37,7 +37,6 @@ from dsv4.model.attention import (
 )
 from dsv4.model.compressor import Compressor
 from dsv4.model.hyper import hc_post
-from dsv4.model.norm import rms_normalize
 from dsv4.model.rope import apply_rope, rope_cos_sin
 from dsv4.model.transformer import Transformer
 from dsv4.platforms import get_platform
@@ -167,7 +166,7 @@ class V4ModelRunner(ModelRunner):
     def _compress(self, comp: Compressor, x, batch: RaggedBatch, inv_freq, state: str,
                   pool: str, quantize) -> None:
         """Pool each window that closes in this batch and write its entry."""
-        ratio, dim = comp.ratio, comp.head_dim
+        ratio = comp.ratio
         pos = batch.positions
         xf = x[0].float()
         kv = xf @ comp.wkv.weight.float().T  # [T, (1 + overlap) * dim]
@@ -183,12 +182,7 @@ class V4ModelRunner(ModelRunner):
         write_ring(self.pools[f"{state}_score"], score, batch)
         if not closing:  # most decode steps: no window closes, only the rings move
             return
-        if comp.overlap:  # the previous window's Ca rows, then this window's Cb rows
-            rows_kv = torch.cat([rows_kv[:, :ratio, :dim], rows_kv[:, ratio:, dim:]], dim=1)
-            rows_score = torch.cat([rows_score[:, :ratio, :dim], rows_score[:, ratio:, dim:]],
-                                   dim=1)
-        rows_score = rows_score.masked_fill(~ok[..., None], float("-inf"))
-        pooled = comp.norm((rows_kv * rows_score.softmax(dim=1)).sum(dim=1))  # [E, dim]
+        pooled = comp.pool_rows(rows_kv, rows_score, ok)  # [E, dim]
         cos, sin = batch.per_step(("window_rope", ratio),  # each closing window's first position
                                   lambda: rope_cos_sin(pos[idx] - ratio + 1, inv_freq))
         pooled = quantize(apply_rope(pooled, cos, sin))
@@ -217,10 +211,8 @@ class V4ModelRunner(ModelRunner):
         inv_freq = m._inv_freq(ratio)
         cos, sin, head_cos, head_sin = batch.per_step(("rope", ratio), lambda: _rope(
             batch.positions, inv_freq))  # [T, rd/2], then [T, 1, rd/2] for heads
-        qr = attn.q_norm(attn.wq_a(x))  # [1, T, q_lora]
-        q = rms_normalize(attn.wq_b(qr).view(T, H, hd), attn.eps).to(x.dtype)
-        q = apply_rope(q, head_cos, head_sin)  # [T, H, hd]
-        kv = apply_rope(attn.kv_norm(attn.wkv(x))[0], cos, sin)  # [T, hd]
+        qr, q, kv = attn.project(x, cos, sin)  # [1, T, q_lora], [1, T, H, hd], [1, T, hd]
+        q, kv = q[0], kv[0]
         keep_kv = (lambda t: quantize_kv_nope(t, attn.rope_dim)) if m.kv_fp8 else (lambda t: t)
         kv = keep_kv(kv)
         entries = visible = chosen = None

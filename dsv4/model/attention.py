@@ -186,11 +186,7 @@ class Attention(nn.Module):
         H, hd, W = self.n_heads, self.head_dim, self.window
         start_pos = int(positions[0])
         cos, sin = rope_cos_sin(positions, inv_freq)  # [T, rd/2]
-        qr = self.q_norm(self.wq_a(x))
-        q = self.wq_b(qr).view(B, T, H, hd)
-        q = rms_normalize(q, self.eps).to(x.dtype)
-        q = apply_rope(q, cos[:, None], sin[:, None])
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, T, hd]
+        qr, q, kv = self.project(x, cos, sin)
         if kv_fp8:
             kv = quantize_kv_nope(kv, self.rope_dim)
 
@@ -247,6 +243,16 @@ class Attention(nn.Module):
         wo_a = self.wo_a.weight.view(g, self.args.o_lora_rank, -1)
         o = torch.einsum("btgd,grd->btgr", o, wo_a).flatten(2)
         return self.wo_b(o)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, D], cos/sin [T, rd/2] -> (qr [B, T, q_lora_rank], the indexer's input too;
+        queries [B, T, H, hd], normalised per head and rotated; the KV vectors [B, T, hd],
+        rotated)."""
+        B, T, _ = x.shape
+        qr = self.q_norm(self.wq_a(x))
+        q = rms_normalize(self.wq_b(qr).view(B, T, self.n_heads, self.head_dim), self.eps)
+        q = apply_rope(q.to(x.dtype), cos[:, None], sin[:, None])
+        return qr, q, apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
 
     def _read(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if stored.dtype == torch.uint8:  # real FP8 entries

@@ -28,6 +28,18 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
         self.norm = RMSNorm(head_dim, eps)
 
+    def pool_rows(self, kv: torch.Tensor, score: torch.Tensor, valid: torch.Tensor):
+        """Entries from the rows of the windows they close, oldest row first: kv and score
+        [N, R, (1 + overlap) * head_dim] with R = 2 * ratio (CSA: the previous window's
+        rows, then this window's) or ratio; rows not `valid` [N, R] (before position 0) get
+        no weight. -> [N, head_dim], normalised, not yet rotated."""
+        m, hd = self.ratio, self.head_dim
+        if self.overlap:  # the previous window's Ca half, then this window's Cb half
+            kv = torch.cat([kv[:, :m, :hd], kv[:, m:, hd:]], dim=1)
+            score = torch.cat([score[:, :m, :hd], score[:, m:, hd:]], dim=1)
+        score = score.masked_fill(~valid[..., None], float("-inf"))
+        return self.norm((kv * torch.softmax(score, dim=1)).sum(dim=1))
+
     def forward(
         self, x: torch.Tensor, start_pos: int, inv_freq: torch.Tensor, state: CompressorState | None
     ) -> torch.Tensor:
