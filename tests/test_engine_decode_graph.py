@@ -82,7 +82,7 @@ def test_decode_graph_run_eagerly_equals_the_model_alone(checkpoint):
     llm = _engine(path)
     runner = llm.engine.runner
     graph = _Counting(DecodeGraph(runner.model, runner.pools, runner.layout.block_size,
-                                  runner.fp8, compile=False))
+                                  runner.fp8))  # eager: no compile options
     runner.decode_graph = graph
     assert _generate(llm, prompts) == alone
     assert graph.steps >= max(MAX_TOKENS) - 1  # every decode step went through the graph
@@ -109,7 +109,7 @@ def test_decode_graph_reads_and_writes_packed_fp8_entries_as_the_general_path():
         assert runner.pools["0.compressed_kv"].dtype == torch.uint8
         if use_graph:
             runner.decode_graph = DecodeGraph(model, runner.pools, runner.layout.block_size,
-                                              runner.fp8, compile=False)
+                                              runner.fp8)
         llm = LLM(runner=runner, max_num_seqs=4, kv_cache_dtype="fp8")
         outputs.append([o.token_ids for o in llm.generate(prompts, params)])
     assert outputs[0] == outputs[1]

@@ -36,8 +36,6 @@ from dsv4.model.transformer import Block, Transformer
 from dsv4.quant.kv import pack_kv_fp8, unpack_kv_fp8
 
 MIN_HCA_ENTRIES = 2  # dynamo specialises sizes 0 and 1; pad past them so one graph serves all
-# inductor options: one-row matrix products (B = 1) as fused loops, not BLAS calls
-COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
 
 @dataclass
@@ -86,12 +84,12 @@ class Flags:
 
 class DecodeGraph:
     """Plain decode steps of a `V4ModelRunner` over its model and cache pools, by blocks
-    compiled on first use (or run eagerly with `compile=False`, which tests the same code
-    cheaply). The runner sends everything else (prefill chunks, mixed steps, MTP drafts)
-    down its general path."""
+    compiled on first use with the platform's `compile_options` (or run eagerly without
+    them, which tests the same code cheaply). The runner sends everything else (prefill
+    chunks, mixed steps, MTP drafts) down its general path."""
 
     def __init__(self, model: Transformer, pools: dict[str, torch.Tensor], block_size: int,
-                 packed: bool, compile: bool = True) -> None:
+                 packed: bool, compile_options: dict | None = None) -> None:
         self.model, self.block_size = model, block_size
         self.flags = Flags(model.kv_fp8, model.indexer_fp4, packed)
         self.layer_pools = [
@@ -102,10 +100,10 @@ class DecodeGraph:
         self.min_entries = {4: model.args.index_topk, 128: MIN_HCA_ENTRIES}
         self.block = decode_block
         self.warmed_up = False  # see `__call__`
-        if compile:
+        if compile_options is not None:
             # graphs per kind of block (ratio, hashed router) and per B = 1 or B > 1
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-            self.block = torch.compile(decode_block, fullgraph=True, options=COMPILE_OPTIONS)
+            self.block = torch.compile(decode_block, fullgraph=True, options=compile_options)
 
     def __call__(self, batch: RaggedBatch) -> torch.Tensor:
         """-> logits [B, vocab] float32 of a plain decode batch; the pools are updated.

@@ -78,12 +78,14 @@ class V4ModelRunner(ModelRunner):
         }
         self.decode_graph = None  # plain decode steps compiled (EngineConfig.compile)
         if compile:
-            if self.device.type != "cpu":
+            options = get_platform(str(self.device)).compile_options
+            if options is None:
                 raise ValueError(
-                    f"compile=True is implemented and tested on the CPU only; on "
+                    f"compile=True is built and tested for the CPU only so far; on "
                     f"{self.device.type} run with compile=False (the default)."
                 )
-            self.decode_graph = DecodeGraph(model, self.pools, layout.block_size, self.fp8)
+            self.decode_graph = DecodeGraph(model, self.pools, layout.block_size, self.fp8,
+                                            options)
 
     @classmethod
     def from_pretrained(cls, path, device: str | None = None,

@@ -19,6 +19,9 @@ class Platform(ABC):
     device_type: str = ""  # the torch device string: "cpu", "cuda", "npu"
     dist_backend: str = ""  # torch.distributed backend: "gloo", "nccl", "hccl"
     supports_fp8_compute: bool = False  # native FP8 matmuls (Hopper, Ascend 950)
+    # torch.compile options for the engine's compiled decode step (EngineConfig.compile);
+    # None where that step has not been built and tested for this platform
+    compile_options: dict | None = None
 
     def __init__(self, index: int = 0):
         self.index = index  # which device of this kind ("cuda:1" -> 1)

@@ -47,6 +47,9 @@ class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
+    # inductor turns one-row matrix products (a lone request's decode step) into fused loops
+    # instead of BLAS calls: 47 calls, ~2.5 ms of a ~13 ms step on a 2-core EPYC
+    compile_options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 
     @classmethod
     def is_available(cls) -> bool:
