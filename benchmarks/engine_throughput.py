@@ -7,7 +7,8 @@ also timed for one output token (the prefill), so the table splits the time into
 decode: the first target is end to end, the second is about the decode phase.
 Also reports the hardware limit of a single request: the weights one decode step must read
 (routed experts at k of E), over the memory bandwidth a large matrix-vector product reaches
-in this process. Prints a table, then one JSON line.
+in this process; and the FLOP rate of the widest level's prefill, against what a matrix
+product of the experts' shape reaches in this process. Prints a table, then one JSON line.
 
     python benchmarks/engine_throughput.py [--prompt-len 256 --output-len 64] [--compile]
 
@@ -55,6 +56,44 @@ def decode_weight_bytes(model) -> float:
             size *= args.num_experts_per_tok / args.n_routed_experts
         total += size
     return total
+
+
+def prefill_flops(model, prompt_len: int) -> float:
+    """FLOPs one prompt's prefill needs: every weight matrix once per token (routed experts at
+    k of E; the embedding is a lookup; the head and its mHC mix run for the last token only),
+    and attention's q.k and p.v over the keys each token sees: its window, then CSA's top-k
+    entries (plus the indexer scoring all of them) or all of HCA's. Work the engine does beyond
+    that (whole window bands, padding) is not counted."""
+    args = model.args
+    per_token, last_token = 0.0, 0.0
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or name.startswith(("mtp.", "embed.")) or name.endswith(".ape"):
+            continue
+        share = args.num_experts_per_tok / args.n_routed_experts if ".experts." in name else 1
+        if name.startswith(("head.", "hc_head")):
+            last_token += 2 * p.numel()
+        else:
+            per_token += 2 * p.numel() * share
+    attention = 0.0
+    for ratio in args.compress_ratios[:args.num_hidden_layers]:
+        for pos in range(prompt_len):
+            keys, entries = min(pos + 1, args.sliding_window), (pos + 1) // max(ratio, 1)
+            if ratio == 4:
+                keys += min(entries, args.index_topk)
+                attention += 2 * args.index_n_heads * args.index_head_dim * entries
+            elif ratio:
+                keys += entries
+            attention += 4 * args.num_attention_heads * args.head_dim * keys
+    return per_token * prompt_len + last_token + attention
+
+
+def matmul_rate(rows: int, dim: int, inter: int, repeats: int = 10) -> float:
+    """FLOP/s of a [rows, dim] x [dim, inter] product, the routed experts' first matrix over a
+    step's token budget: the shape that carries most of a prefill's FLOPs."""
+    a, w = torch.randn(rows, dim), torch.randn(inter, dim)
+    with torch.inference_mode():
+        seconds, _ = median_seconds(lambda: torch.nn.functional.linear(a, w), repeats)
+    return 2 * rows * dim * inter / seconds
 
 
 def read_bandwidth(megabytes: int = 64, repeats: int = 20) -> float:
@@ -140,7 +179,8 @@ def main() -> int:
                 compile_s = time.perf_counter() - start
     for llm in llms.values():
         llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
-    weight_bytes = decode_weight_bytes(llms["dsv4 engine"].engine.runner.model)
+    model = llms["dsv4 engine"].engine.runner.model
+    weight_bytes = decode_weight_bytes(model)
     hf.to(torch.bfloat16 if opts.dtype == "bf16" else torch.float32)
 
     def engine_run(n, c, llm):
@@ -196,11 +236,21 @@ def main() -> int:
           + ", ".join(f"{name} decodes at {s['single_request_of_bound']:.0%} of it"
                       for name, s in summaries.items())
           + f", transformers at {hf_row['decode_tok_s'] / bound:.0%}")
+    prefill_gflop = max(levels) * prefill_flops(model, opts.prompt_len) / 1e9
+    mm_gflop_s = matmul_rate(2048, args.hidden_size, args.moe_intermediate_size) / 1e9
+    for name in engines:
+        rate = prefill_gflop / row(name, max(levels))["prefill_seconds"]
+        summaries[name]["prefill_gflop_s"] = rate
+        print(f"{name}: the {max(levels)} prompts' prefill needs {prefill_gflop:.0f} GFLOP, "
+              f"run at {rate:.0f} GFLOP/s, {rate / mm_gflop_s:.0%} of a 2048 x "
+              f"{args.hidden_size} x {args.moe_intermediate_size} matmul's {mm_gflop_s:.0f} "
+              f"GFLOP/s here; at that rate it would take {prefill_gflop / mm_gflop_s:.2f} s")
     print(json.dumps({"benchmark": "engine_throughput", "prompt_len": opts.prompt_len,
                       "dtype": opts.dtype, "output_len": opts.output_len, "config": SMALL,
                       "rows": rows, "engines": summaries, "compile_s": compile_s,
                       "decode_weight_mb": weight_bytes / 1e6, "read_gb_s": bandwidth / 1e9,
-                      "decode_bound_tok_s": bound,
+                      "decode_bound_tok_s": bound, "prefill_gflop": prefill_gflop,
+                      "matmul_gflop_s": mm_gflop_s,
                       "transformers_of_bound": hf_row["decode_tok_s"] / bound}))
     return 0
 
