@@ -1,8 +1,8 @@
 """The decode step written for torch.compile (dsv4/engine/decode_graph.py): run eagerly, it
 must give the outputs of the runner's general path and of the model alone; compiled, the same.
 
-The eager runs check the graph's math in seconds; the compiled run costs a minute or two of
-inductor on a 2-core CPU and checks what dynamo and inductor make of it: symbolic batch size
+The eager runs check the graph's math in seconds; the compiled run costs about three minutes
+of inductor on a 2-core CPU and checks what dynamo and inductor make of it: symbolic batch size
 and entry counts, in-place cache writes, and the guard-free calls after warm-up."""
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_csa_layer(tmp_path_factory):
-    """One hashed CSA layer, the block with the most parts (indexer, two compressors, top-k):
-    two graphs to compile (one request, more), a quarter of the four-layer model's eight,
-    which cost ~4 minutes on 2 cores. The other kinds run the same code with fewer parts."""
-    return _checkpoint(tmp_path_factory, num_hidden_layers=1, compress_ratios=[4, 0])
+def three_kinds_of_block(tmp_path_factory):
+    """A hashed CSA layer (indexer, two compressors, top-k), an HCA layer (entries padded to
+    2, where dynamo would otherwise specialise) and a window-only layer: six graphs to compile
+    (three kinds of block, each for one request and for more), ~3 minutes on 2 cores with an
+    empty inductor cache."""
+    return _checkpoint(tmp_path_factory, num_hidden_layers=3, compress_ratios=[4, 128, 0, 0])
 
 
 def _generate(llm: LLM, prompts) -> list[list[int]]:
@@ -100,9 +101,10 @@ def test_decode_graph_reads_and_writes_packed_fp8_entries_as_the_general_path():
     config = EngineConfig(kv_cache_dtype="fp8", max_num_seqs=4,
                           kv_cache_memory_bytes=64 << 20)
     g = torch.Generator().manual_seed(2)
+    # decoding from 250 closes an HCA window (at 255) and CSA windows inside the graph
     prompts = [torch.randint(2, args.vocab_size, (n,), generator=g).tolist()
-               for n in (7, 140, 257)]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+               for n in (7, 250, 257)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
     outputs = []
     for use_graph in (False, True):
         runner = V4ModelRunner.for_model(model, config)
@@ -111,20 +113,27 @@ def test_decode_graph_reads_and_writes_packed_fp8_entries_as_the_general_path():
             runner.decode_graph = DecodeGraph(model, runner.pools, runner.layout.block_size,
                                               runner.fp8)
         llm = LLM(runner=runner, max_num_seqs=4, kv_cache_dtype="fp8")
-        outputs.append([o.token_ids for o in llm.generate(prompts, params)])
-    assert outputs[0] == outputs[1]
+        outputs.append(llm.generate(prompts, params))
+    for general, graph in zip(*outputs):
+        assert graph.token_ids == general.token_ids
+        for a, b in zip(general.logprobs, graph.logprobs):  # the top 5 of every step
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-4)
 
 
-def test_compile_and_mtp_drafts_are_refused_together():
+def test_compile_is_refused_where_it_would_do_nothing_or_the_wrong_thing(checkpoint):
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineConfig(compile=True, num_speculative_tokens=1)
+    runner = _engine(checkpoint[0]).engine.runner  # built without compile
+    with pytest.raises(ValueError, match="runner passed in compiles its own"):
+        LLM(runner=runner, compile=True)
 
 
-def test_compiled_decode_steps_give_the_outputs_of_the_model_alone(one_csa_layer):
-    path, prompts, alone = one_csa_layer
+def test_compiled_decode_steps_give_the_outputs_of_the_model_alone(three_kinds_of_block):
+    path, prompts, alone = three_kinds_of_block
     llm = _engine(path, compile=True)  # compiles one step of one request and one of two
     graph = llm.engine.runner.decode_graph
-    assert graph.warmed_up
+    assert graph.traced == {False, True}  # both kinds of graph exist before any request
     counting = _Counting(graph)
     llm.engine.runner.decode_graph = counting
     assert _generate(llm, prompts) == alone

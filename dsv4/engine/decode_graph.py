@@ -23,11 +23,13 @@ compiling gives.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 from dsv4.engine.batch import RaggedBatch
+from dsv4.engine.paged_ops import entry_pool_rows
 from dsv4.model.attention import quantize_indexer, quantize_kv_nope, sparse_attention, stable_topk
 from dsv4.model.compressor import Compressor
 from dsv4.model.hyper import hc_post
@@ -60,15 +62,10 @@ def is_plain_decode(batch: RaggedBatch) -> bool:
 
 def entry_rows(batch: RaggedBatch, ratio: int, block_size: int, min_entries: int) -> EntryRows:
     positions = batch.positions  # one token per request
-    num_entries = (positions + 1) // ratio  # [B] visible to this token
-    width = max(int(num_entries.max()), min_entries)
-    w = torch.arange(width, device=positions.device)[None, :]  # [1, E]
-    valid = w < num_entries[:, None]
-    per_block = block_size // ratio
-    col = ((w * ratio) // block_size).clamp(max=batch.block_tables.shape[1] - 1)
-    block = batch.block_tables.gather(1, col.expand(len(positions), -1))
-    rows = (block * per_block + w % per_block).masked_fill(~valid, 0)
+    rows, valid = entry_pool_rows(batch.block_tables, (positions + 1) // ratio, ratio,
+                                  block_size, min_entries)  # the entries visible to the token
     own_block = batch.block_tables.gather(1, (positions // block_size)[:, None])[:, 0]
+    per_block = block_size // ratio
     write = own_block * per_block + (positions // ratio) % per_block
     return EntryRows(rows, valid, (positions + 1) % ratio == 0, write)
 
@@ -97,10 +94,12 @@ class DecodeGraph:
             for i in range(len(model.layers))
         ]
         self.ratios = sorted({layer.ratio for layer in model.layers} - {0})
-        self.min_entries = {4: model.args.index_topk, 128: MIN_HCA_ENTRIES}
+        self.min_entries = {4: max(model.args.index_topk, MIN_HCA_ENTRIES), 128: MIN_HCA_ENTRIES}
         self.block = decode_block
-        self.warmed_up = False  # see `__call__`
-        if compile_options is not None:
+        self.compiled = compile_options is not None
+        self.traced: set[bool] = set()  # the kinds of step run so far: B > 1 or not
+        if self.compiled:
+            _check_torch_can_compile()
             # graphs per kind of block (ratio, hashed router) and per B = 1 or B > 1
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             self.block = torch.compile(decode_block, fullgraph=True, options=compile_options)
@@ -108,13 +107,18 @@ class DecodeGraph:
     def __call__(self, batch: RaggedBatch) -> torch.Tensor:
         """-> logits [B, vocab] float32 of a plain decode batch; the pools are updated.
 
-        Once `warmed_up` (the engine ran one step of one request and one of two), every graph
-        this runner can need exists: one per kind of block and per B = 1 or B > 1, with B and
-        E symbolic. Dynamo then checks only the guards that tell those graphs apart, not the
-        hundreds on parameters and pools that cannot change (a check of a block's guards
-        cost ~0.4 ms per call on a 2-core CPU, more than a fifth of the block)."""
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.warmed_up):
+        The first step of each kind (B = 1, B > 1) compiles a graph per kind of block, with B
+        and E symbolic, so no later step of that kind needs another. Those later steps run with
+        dynamo checking only the guards that tell the graphs apart, not the hundreds on
+        parameters and pools that cannot change (a check of a block's guards cost ~0.4 ms per
+        call on a 2-core CPU, more than a fifth of the block)."""
+        if not self.compiled:
             return self._step(batch)
+        kind = batch.num_tokens > 1
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=kind in self.traced):
+            logits = self._step(batch)
+        self.traced.add(kind)
+        return logits
 
     def _step(self, batch: RaggedBatch) -> torch.Tensor:
         m = self.model
@@ -134,6 +138,13 @@ class DecodeGraph:
             x = self.block(layer, x, ids, positions, slots, entries.get(layer.ratio), pools,
                            m._inv_freq(layer.ratio), self.flags)
         return m._head(x, m, m.norm)[0]
+
+
+def _check_torch_can_compile() -> None:
+    stance = getattr(torch.compiler, "set_stance", None)
+    if stance is None or "skip_guard_eval_unsafe" not in inspect.signature(stance).parameters:
+        raise ValueError(f"compile=True needs torch 2.7 or newer; this is torch "
+                         f"{torch.__version__}. Upgrade torch, or run without compile.")
 
 
 POOL_KEYS = ("window_kv", "compressed_kv", "compressor_kv", "compressor_score", "index_keys",
@@ -183,11 +194,9 @@ def _attention(attn, x: torch.Tensor, step: _Step) -> torch.Tensor:
             to_key = quantize_indexer if flags.indexer_fp4 else (lambda t: t)
             new_key = _compress(idx.compressor, x, step, "index_compressor", to_key)
             ikeys = _entries(step.pools["index_keys"], step.rows, new_key, torch.float32, False)
-            qi = idx.wq_b(qr).view(B, idx.n_heads, idx.head_dim).float()
-            qi = to_key(apply_rope(qi, cos[:, None], sin[:, None]))
-            w = idx.weights_proj(x)[0].float() * (idx.head_dim**-0.5 * idx.n_heads**-0.5)
-            relu = torch.relu(torch.einsum("bhd,bed->bhe", qi, ikeys))
-            scores = torch.einsum("bhe,bh->be", relu, w).masked_fill(~seen, float("-inf"))
+            qi, w = idx.queries(x, qr, cos, sin, flags.indexer_fp4)  # [1, B, h, d], [1, B, h]
+            relu = torch.relu(torch.einsum("bhd,bed->bhe", qi[0], ikeys))
+            scores = torch.einsum("bhe,bh->be", relu, w[0]).masked_fill(~seen, float("-inf"))
             top = stable_topk(scores, idx.topk)  # [B, k]
             entries = entries.gather(1, top[..., None].expand(-1, -1, entries.shape[-1]))
             seen = seen.gather(1, top)
@@ -196,19 +205,14 @@ def _attention(attn, x: torch.Tensor, step: _Step) -> torch.Tensor:
     groups = [(k, v[:, None]) for k, v in zip(keys, valid)]  # keys [B, K, C] for one query
     o = sparse_attention(q[:, None], groups, attn.attn_sink, attn.scale)[:, 0]  # [B, H, hd]
     _ring_write(window, step, kv, flags.packed)
-    o = apply_rope(o, cos[:, None], -sin[:, None])  # undo the query rotation
-    g, rank = attn.args.o_groups, attn.args.o_lora_rank
-    o = torch.einsum("bgd,grd->bgr", o.reshape(B, g, -1), attn.wo_a.weight.view(g, rank, -1))
-    return attn.wo_b(o.flatten(1))[None]  # [1, B, D]
+    return attn.output(o, cos, sin)[None]  # [1, B, D]
 
 
 def _compress(comp: Compressor, x, step: _Step, state: str, finish) -> torch.Tensor:
     """Each token's window pooled as if it closed here -> [B, dim] (`finish` applied); the
     token's compressor rows go into the state rings."""
     ratio = comp.ratio
-    xf = x[0].float()
-    kv = xf @ comp.wkv.weight.float().T  # [B, (1 + overlap) * dim]
-    score = xf @ comp.wgate.weight.float().T + comp.ape.float()[step.positions % ratio]
+    kv, score = comp.project(x[0], step.positions)  # [B, (1 + overlap) * dim]
     ring_kv, ring_score = step.pools[f"{state}_kv"], step.pools[f"{state}_score"]
     size = ring_kv.shape[1]  # the positions p - size + 1 .. p, oldest first
     prior_kv, ok = _ring_read(ring_kv, step, size - 1)

@@ -49,7 +49,7 @@ class LLM:
     Text prompts and stop strings use `tokenizer`, by default the model folder's
     tokenizer.json. `num_speculative_tokens=1` decodes with the checkpoint's MTP layer as a
     drafter (same outputs, up to two tokens per step). `compile=True` (CPU) runs decode steps
-    through compiled graphs, about 3x faster for one request on a 2-core CPU, after compiling
+    through compiled graphs, about 2x faster for one request on a 2-core CPU, after compiling
     them here (a minute or more the first time). `runner` replaces the model runner
     built from `model` (another backend, or a test double); it must follow the ModelRunner
     contract and carry its cache layout.
@@ -88,6 +88,11 @@ class LLM:
                 raise ValueError("LLM needs model=PATH (a V4 checkpoint directory).")
             runner, model_max_len = _build_runner(model, device, dtype, self.config)
         else:
+            if compile:
+                raise ValueError(
+                    "compile=True builds the decode graphs of the runner LLM makes from model=; "
+                    "a runner passed in compiles its own (V4ModelRunner(..., compile=True))."
+                )
             if runner.num_speculative_tokens != num_speculative_tokens:
                 raise ValueError(
                     f"num_speculative_tokens={num_speculative_tokens} but the runner drafts "
@@ -95,30 +100,34 @@ class LLM:
                     "number to both."
                 )
             model_max_len = runner.layout.max_tokens_per_seq
+        max_len = self.config.max_model_len or model_max_len
         self.engine = LLMEngine(
             runner,
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
-            max_model_len=self.config.max_model_len or model_max_len,
+            max_model_len=max_len,
             tokenizer=tokenizer if tokenizer is not None else _folder_tokenizer(model),
         )
         if getattr(runner, "decode_graph", None) is not None:
-            self._compile_decode(runner.decode_graph)
+            self._compile_decode(max_len)
 
-    def _compile_decode(self, graph) -> None:
+    def _compile_decode(self, max_model_len: int) -> None:
         """Compile the decode graphs now, not during the first requests: a decode step of one
-        request and one of two make both kinds (B = 1, B > 1) of every block's graph."""
+        request and, where the engine may batch, one of two make both kinds (B = 1, B > 1) of
+        every block's graph. (Where the token budget keeps two requests from decoding in one
+        step here, the first such step later compiles its graphs.)"""
         log.info("compiling the decode step (a minute or more the first time on a CPU; "
                  "inductor caches it on disk)")
         start = time.perf_counter()
-        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        params = SamplingParams(temperature=0, ignore_eos=True,
+                                max_tokens=min(2, max_model_len - 1))
         with warnings.catch_warnings():
             # dynamo notes that it traces through functools.cache; those functions build
             # constant tensors (Sinkhorn's 0/1 matrices, FP4 tables), which it may rebuild
             warnings.filterwarnings("ignore", message=".*functools.lru_cache")
-            self.engine.generate([[1, 2]], params)
-            self.engine.generate([[1, 2], [3, 4]], params)
-        graph.warmed_up = True
+            self.engine.generate([[1]], params)
+            if self.config.max_num_seqs > 1:
+                self.engine.generate([[1], [2]], params)
         log.info("decode step compiled in %.0f s", time.perf_counter() - start)
 
     # the server drives these directly

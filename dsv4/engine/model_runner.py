@@ -81,8 +81,8 @@ class V4ModelRunner(ModelRunner):
             options = get_platform(str(self.device)).compile_options
             if options is None:
                 raise ValueError(
-                    f"compile=True is built and tested for the CPU only so far; on "
-                    f"{self.device.type} run with compile=False (the default)."
+                    f"compile=True (--compile) is built and tested for the CPU only so far; "
+                    f"on {self.device.type} leave it off, or run on the CPU (--device cpu)."
                 )
             self.decode_graph = DecodeGraph(model, self.pools, layout.block_size, self.fp8,
                                             options)
@@ -170,10 +170,7 @@ class V4ModelRunner(ModelRunner):
         """Pool each window that closes in this batch and write its entry."""
         ratio = comp.ratio
         pos = batch.positions
-        xf = x[0].float()
-        kv = xf @ comp.wkv.weight.float().T  # [T, (1 + overlap) * dim]
-        in_window = batch.per_step(("in_window", ratio), lambda: pos % ratio)
-        score = xf @ comp.wgate.weight.float().T + comp.ape.float()[in_window]
+        kv, score = comp.project(x[0], pos)  # [T, (1 + overlap) * dim]
         closing = batch.num_closing[ratio] > 0
         if closing:  # the same idx object in every layer, so ring_context reuses its rows
             idx = batch.per_step(("closing", ratio), lambda: (
@@ -211,8 +208,8 @@ class V4ModelRunner(ModelRunner):
         m, T = self.model, batch.num_tokens
         H, hd, ratio = attn.n_heads, attn.head_dim, attn.ratio
         inv_freq = m._inv_freq(ratio)
-        cos, sin, head_cos, head_sin = batch.per_step(("rope", ratio), lambda: _rope(
-            batch.positions, inv_freq))  # [T, rd/2], then [T, 1, rd/2] for heads
+        cos, sin = batch.per_step(("rope", ratio), lambda: rope_cos_sin(
+            batch.positions, inv_freq))  # [T, rd/2]
         qr, q, kv = attn.project(x, cos, sin)  # [1, T, q_lora], [1, T, H, hd], [1, T, hd]
         q, kv = q[0], kv[0]
         keep_kv = (lambda t: quantize_kv_nope(t, attn.rope_dim)) if m.kv_fp8 else (lambda t: t)
@@ -233,10 +230,8 @@ class V4ModelRunner(ModelRunner):
                                f"{name}.index_keys", to_key)
                 if entries.shape[1]:
                     ikeys, _ = gather_compressed(self.pools[f"{name}.index_keys"], batch, 4, bs)
-                    qi = idx.wq_b(qr).view(T, idx.n_heads, idx.head_dim).float()
-                    qi = to_key(apply_rope(qi, head_cos, head_sin))
-                    w = idx.weights_proj(x)[0].float() * (idx.head_dim**-0.5 * idx.n_heads**-0.5)
-                    scores = self._index_scores(qi, ikeys.float(), w, blocks)  # [T, E]
+                    qi, w = idx.queries(x, qr, cos, sin, m.indexer_fp4)
+                    scores = self._index_scores(qi[0], ikeys.float(), w[0], blocks)  # [T, E]
                     scores = scores.masked_fill(~visible, float("-inf"))
                     top = stable_topk(scores, min(idx.topk, scores.shape[1]))
                     if entries.shape[1] > GATHER_TOPK_FACTOR * idx.topk:
@@ -257,16 +252,7 @@ class V4ModelRunner(ModelRunner):
             o = sparse_attention(q[b.token_index], groups, attn.attn_sink, attn.scale)
             out[b.tokens] = o.flatten(0, 1)[b.slot]
         write_ring(window, kv, batch, fp8=self.fp8)
-        out = apply_rope(out, head_cos, -head_sin)  # undo the query rotation
-        g = m.args.o_groups
-        wo_a = attn.wo_a.weight.view(g, m.args.o_lora_rank, -1)
-        out = torch.einsum("tgd,grd->tgr", out.reshape(T, g, -1), wo_a).flatten(1)
-        return attn.wo_b(out)[None]  # [1, T, D]
-
-
-def _rope(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    cos, sin = rope_cos_sin(positions, inv_freq)
-    return cos, sin, cos[:, None], sin[:, None]
+        return attn.output(out, cos, sin)[None]  # [1, T, D]
 
 
 def _check_mtp(model: Transformer, num_drafts: int) -> None:

@@ -200,19 +200,25 @@ def gather_compressed(
     pool: [num_blocks, block_size // ratio, C]. Returns entries [B, E, C] with
     E = max over requests of seq_lens // ratio, and valid [B, E].
     """
-    def make():
-        per_block = block_size // ratio
-        num_entries = batch.seq_lens // ratio  # [B]
-        width = int(num_entries.max()) if num_entries.numel() else 0
-        w = torch.arange(width, device=pool.device)[None, :]  # [1, E]
-        valid = w < num_entries[:, None]  # [B, E]
-        col = ((w * ratio) // block_size).clamp(max=batch.block_tables.shape[1] - 1)
-        block = batch.block_tables.gather(1, col.expand(len(num_entries), -1))  # [B, E]
-        return (block * per_block + w % per_block).masked_fill(~valid, 0), valid
-
-    rows, valid = batch.per_step(("gather_compressed", ratio, block_size), make)
+    rows, valid = batch.per_step(
+        ("gather_compressed", ratio, block_size),
+        lambda: entry_pool_rows(batch.block_tables, batch.seq_lens // ratio, ratio, block_size))
     vals = _rows_out(pool.reshape(-1, *pool.shape[2:])[rows], fp8)
     return vals.masked_fill(~valid[..., None], 0), valid
+
+
+def entry_pool_rows(block_tables: torch.Tensor, num_entries: torch.Tensor, ratio: int,
+                    block_size: int, min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each request's compressed entries 0..E-1 lie in a `[num_blocks * block_size //
+    ratio, entry]` view of a pool: rows [B, E] (0 where there is none) and valid [B, E], for
+    num_entries [B] and E = max(num_entries.max(), min_width)."""
+    per_block = block_size // ratio
+    width = max(int(num_entries.max()) if num_entries.numel() else 0, min_width)
+    w = torch.arange(width, device=num_entries.device)[None, :]  # [1, E]
+    valid = w < num_entries[:, None]
+    col = ((w * ratio) // block_size).clamp(max=block_tables.shape[1] - 1)
+    block = block_tables.gather(1, col.expand(len(num_entries), -1))  # [B, E]
+    return (block * per_block + w % per_block).masked_fill(~valid, 0), valid
 
 
 def compressed_visibility(batch: RaggedBatch, ratio: int, num_entries: int) -> torch.Tensor:

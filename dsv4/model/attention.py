@@ -120,6 +120,16 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(args.hidden_size, self.head_dim, 4, args.rms_norm_eps)
 
+    def queries(self, x, qr, cos, sin, fp4: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D], qr [B, T, q_lora_rank], cos/sin [T, rd/2] -> (queries [B, T, h, d]
+        float32, rotated, FP4 values if `fp4`; head weights [B, T, h] float32, scaled)."""
+        B, T, _ = x.shape
+        q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim).float()
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        if fp4:
+            q = quantize_indexer(q)
+        return q, self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)
+
     def forward(self, x, qr, positions, inv_freq, cache: LayerCache | None, fp4: bool):
         """-> (top-k entry indices [B, T, k] with -1 for none, all indexer keys so far)."""
         B, T, _ = x.shape
@@ -133,11 +143,7 @@ class Indexer(nn.Module):
             if new_keys.shape[1]:  # copy only when a window closed
                 keys = torch.cat([keys, new_keys], dim=1)
         cos, sin = rope_cos_sin(positions, inv_freq)
-        q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim).float()
-        q = apply_rope(q, cos[:, None], sin[:, None])
-        if fp4:
-            q = quantize_indexer(q)
-        w = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.n_heads**-0.5)  # [B, T, h]
+        q, w = self.queries(x, qr, cos, sin, fp4)
         visible = (positions + 1) // 4  # entries a query may see
         num_keys = keys.shape[1]
         k = min(self.topk, num_keys)
@@ -182,8 +188,7 @@ class Attention(nn.Module):
         kv_fp8: bool,
         indexer_fp4: bool,
     ) -> torch.Tensor:
-        B, T, _ = x.shape
-        H, hd, W = self.n_heads, self.head_dim, self.window
+        T, W = x.shape[1], self.window
         start_pos = int(positions[0])
         cos, sin = rope_cos_sin(positions, inv_freq)  # [T, rd/2]
         qr, q, kv = self.project(x, cos, sin)
@@ -234,15 +239,9 @@ class Attention(nn.Module):
                 else:
                     groups.append((entries, comp_valid[:, s:e]))
             out.append(sparse_attention(q[:, s:e], groups, self.attn_sink, self.scale))
-        o = apply_rope(torch.cat(out, dim=1), cos[:, None], -sin[:, None])  # undo query RoPE
-
         if cache is not None:
             self._update_cache(cache, kv, positions, new, kv_fp8)
-        g = self.args.o_groups
-        o = o.reshape(B, T, g, H * hd // g)
-        wo_a = self.wo_a.weight.view(g, self.args.o_lora_rank, -1)
-        o = torch.einsum("btgd,grd->btgr", o, wo_a).flatten(2)
-        return self.wo_b(o)
+        return self.output(torch.cat(out, dim=1), cos, sin)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, D], cos/sin [T, rd/2] -> (qr [B, T, q_lora_rank], the indexer's input too;
@@ -253,6 +252,15 @@ class Attention(nn.Module):
         q = rms_normalize(self.wq_b(qr).view(B, T, self.n_heads, self.head_dim), self.eps)
         q = apply_rope(q.to(x.dtype), cos[:, None], sin[:, None])
         return qr, q, apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+
+    def output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention outputs o [..., T, H, hd] of queries rotated by cos/sin [T, rd/2] ->
+        [..., T, D]: the rotation undone, then the grouped low-rank output projection."""
+        o = apply_rope(o, cos[:, None], -sin[:, None])
+        g = self.args.o_groups
+        wo_a = self.wo_a.weight.view(g, self.args.o_lora_rank, -1)
+        o = torch.einsum("...gd,grd->...gr", o.flatten(-2).unflatten(-1, (g, -1)), wo_a)
+        return self.wo_b(o.flatten(-2))
 
     def _read(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if stored.dtype == torch.uint8:  # real FP8 entries

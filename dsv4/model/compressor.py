@@ -28,6 +28,13 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
         self.norm = RMSNorm(head_dim, eps)
 
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """x [..., T, D] at positions [T] -> (kv, score) [..., T, (1 + overlap) * head_dim],
+        float32: each token's rows of the windows it falls in."""
+        xf = x.float()
+        score = xf @ self.wgate.weight.float().T + self.ape.float()[positions % self.ratio]
+        return xf @ self.wkv.weight.float().T, score
+
     def pool_rows(self, kv: torch.Tensor, score: torch.Tensor, valid: torch.Tensor):
         """Entries from the rows of the windows they close, oldest row first: kv and score
         [N, R, (1 + overlap) * head_dim] with R = 2 * ratio (CSA: the previous window's
@@ -49,10 +56,7 @@ class Compressor(nn.Module):
         state, start_pos must be 0 and trailing tokens of an open window are dropped."""
         m, hd = self.ratio, self.head_dim
         B, T, _ = x.shape
-        xf = x.float()
-        kv = xf @ self.wkv.weight.float().T  # [B, T, width]
-        positions = torch.arange(start_pos, start_pos + T, device=x.device)
-        score = xf @ self.wgate.weight.float().T + self.ape.float()[positions % m]
+        kv, score = self.project(x, torch.arange(start_pos, start_pos + T, device=x.device))
         first_pos = start_pos
         if state is not None and state.pending_kv is not None:
             kv = torch.cat([state.pending_kv, kv], dim=1)

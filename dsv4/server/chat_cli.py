@@ -43,7 +43,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest conversation + answer in tokens (default: the model's)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step first (CPU; a minute or more the first "
-                             "time, then about 3x faster tokens)")
+                             "time, then about 2x faster tokens)")
     thinking = parser.add_mutually_exclusive_group()
     thinking.add_argument("--thinking", dest="thinking", action="store_true", default=True,
                           help="reason before answering (the default, as in DeepSeek's API)")

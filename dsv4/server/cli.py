@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "up to 2 tokens per step); 0: off")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step at start-up (CPU; a minute or more the "
-                             "first time, cached on disk), for about 3x faster tokens")
+                             "first time, cached on disk), for about 2x faster tokens")
     parser.add_argument("--max-queue", type=int, default=d["max_queue"].default,
                         help="sequences that may wait beyond --max-num-seqs before 429")
     parser.add_argument("--shutdown-timeout", type=float, default=d["shutdown_timeout_s"].default,
