@@ -77,7 +77,12 @@ def test_csa_gathered_top_k_and_masked_entries_give_the_same_outputs(checkpoint,
     assert [o.token_ids for o in outs] == [alone[i] for i in picked]
 
 
-def test_preemption_under_a_small_cache_gives_the_same_outputs(checkpoint):
+@pytest.mark.parametrize("decode_graph", [False, True])
+def test_preemption_under_a_small_cache_gives_the_same_outputs(checkpoint, decode_graph):
+    """decode_graph: plain decode steps through engine/decode_graph.py (run eagerly, as the
+    compiled graphs run the same code), which must find a recomputed request's rings, state
+    slots and blocks where the general path put them."""
+    from dsv4.engine.decode_graph import DecodeGraph
     from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout
     from dsv4.engine.model_runner import V4ModelRunner
 
@@ -87,8 +92,10 @@ def test_preemption_under_a_small_cache_gives_the_same_outputs(checkpoint):
     # 8 running requests but only 10 blocks of 128 tokens: they cannot all grow
     layout = KVCacheLayout(CacheSpec.from_config(model.args), block_size=128, num_blocks=10,
                            num_state_slots=8)
-    llm = LLM(runner=V4ModelRunner(model, layout, max_model_len=512), max_num_seqs=8,
-              max_num_batched_tokens=256)
+    runner = V4ModelRunner(model, layout, max_model_len=512)
+    if decode_graph:
+        runner.decode_graph = DecodeGraph(model, runner.pools, layout.block_size, runner.fp8)
+    llm = LLM(runner=runner, max_num_seqs=8, max_num_batched_tokens=256)
     picked = list(range(16))
     outs = llm.generate([prompts[i] for i in picked],
                         SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
