@@ -19,6 +19,7 @@ from dsv4.engine.llm import LLM
 from dsv4.engine.model_runner import V4ModelRunner
 from dsv4.engine.sampling_params import SamplingParams
 from dsv4.model.transformer import Transformer
+from dsv4.platforms.cpu import CpuPlatform
 from dsv4.train.trainer import init_weights
 
 # 5: inside the window (16); 40, 61: a few CSA entries; 130, 255: the first HCA entries
@@ -121,12 +122,18 @@ def test_decode_graph_reads_and_writes_packed_fp8_entries_as_the_general_path():
             assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-4)
 
 
-def test_compile_is_refused_where_it_would_do_nothing_or_the_wrong_thing(checkpoint):
+def test_compile_is_refused_where_it_would_do_nothing_or_the_wrong_thing(checkpoint,
+                                                                       monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineConfig(compile=True, num_speculative_tokens=1)
     runner = _engine(checkpoint[0]).engine.runner  # built without compile
     with pytest.raises(ValueError, match="runner passed in compiles its own"):
         LLM(runner=runner, compile=True)
+    # a platform without compile options (CUDA and NPU today) refuses before loading weights:
+    # here the folder is empty, and the error is still about compile
+    monkeypatch.setattr(CpuPlatform, "compile_options", None)
+    with pytest.raises(ValueError, match=r"CPU only so far; on cpu leave it off"):
+        LLM(model=str(tmp_path), device="cpu", compile=True)
 
 
 def test_compiled_decode_steps_give_the_outputs_of_the_model_alone(three_kinds_of_block):

@@ -78,14 +78,8 @@ class V4ModelRunner(ModelRunner):
         }
         self.decode_graph = None  # plain decode steps compiled (EngineConfig.compile)
         if compile:
-            options = get_platform(str(self.device)).compile_options
-            if options is None:
-                raise ValueError(
-                    f"compile=True (--compile) is built and tested for the CPU only so far; "
-                    f"on {self.device.type} leave it off, or run on the CPU (--device cpu)."
-                )
             self.decode_graph = DecodeGraph(model, self.pools, layout.block_size, self.fp8,
-                                            options)
+                                            _compile_options(str(self.device)))
 
     @classmethod
     def from_pretrained(cls, path, device: str | None = None,
@@ -100,6 +94,8 @@ class V4ModelRunner(ModelRunner):
                                  f"{sorted(TORCH_DTYPES)}")
             dtype = TORCH_DTYPES[dtype]
         kv = "fp8" if config.kv_cache_dtype == "fp8" else "auto"
+        if config.compile:
+            _compile_options(device)  # refuse before the weights load
         get_platform(device).configure_allocator()
         model = load_model(path, device=device, dtype=dtype, kv_cache_dtype=kv)
         return cls.for_model(model, config)
@@ -253,6 +249,16 @@ class V4ModelRunner(ModelRunner):
             out[b.tokens] = o.flatten(0, 1)[b.slot]
         write_ring(window, kv, batch, fp8=self.fp8)
         return attn.output(out, cos, sin)[None]  # [1, T, D]
+
+
+def _compile_options(device: str | None) -> dict:
+    platform = get_platform(device)
+    if platform.compile_options is None:
+        raise ValueError(
+            f"compile=True (--compile) is built and tested for the CPU only so far; on "
+            f"{platform.name} leave it off, or run on the CPU (--device cpu)."
+        )
+    return platform.compile_options
 
 
 def _check_mtp(model: Transformer, num_drafts: int) -> None:
