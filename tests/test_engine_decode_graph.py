@@ -57,6 +57,11 @@ def three_kinds_of_block(tmp_path_factory):
     return _checkpoint(tmp_path_factory, num_hidden_layers=3, compress_ratios=[4, 128, 0, 0])
 
 
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    return _checkpoint(tmp_path_factory, num_hidden_layers=1, compress_ratios=[4, 0])
+
+
 def _generate(llm: LLM, prompts) -> list[list[int]]:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
     return [o.token_ids for o in llm.generate(prompts, params)]
@@ -75,8 +80,9 @@ class _Counting:
 
 
 def _engine(path, **kwargs) -> LLM:
-    return LLM(model=str(path), device="cpu", dtype="fp32", max_num_seqs=8,
-               max_num_batched_tokens=512, kv_cache_memory_bytes=32 << 20, **kwargs)
+    options = dict(device="cpu", dtype="fp32", max_num_seqs=8, max_num_batched_tokens=512,
+                   kv_cache_memory_bytes=32 << 20)
+    return LLM(model=str(path), **{**options, **kwargs})
 
 
 def test_decode_graph_run_eagerly_equals_the_model_alone(checkpoint):
@@ -146,3 +152,36 @@ def test_compiled_decode_steps_give_the_outputs_of_the_model_alone(three_kinds_o
     assert _generate(llm, prompts) == alone
     assert counting.steps >= max(MAX_TOKENS) - 1
     assert {1, len(prompts)} <= counting.batch_sizes
+
+
+@pytest.fixture
+def dynamo_without_inductor(monkeypatch):
+    """torch.compile with dynamo's "eager" backend: the same tracing, guards and graph cache
+    (what decides which graph runs), without inductor's code generation, so in seconds."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, fullgraph, options: real_compile(
+        fn, fullgraph=fullgraph, backend="eager"))
+    torch._dynamo.reset()  # no graphs from other tests
+    yield
+    torch._dynamo.reset()
+
+
+def test_a_kind_of_step_first_seen_late_gets_its_own_graphs(one_layer, dynamo_without_inductor):
+    """Steps of one request run with guards skipped once their graphs exist; the first step
+    of several requests must still trace graphs of its own, not run the one-request graphs
+    (dynamo refuses to recompile under the skipping stance, so that would fail loudly)."""
+    path, prompts, alone = one_layer
+    llm = _engine(path)
+    runner = llm.engine.runner
+    graph = DecodeGraph(runner.model, runner.pools, runner.layout.block_size, runner.fp8, {})
+    runner.decode_graph = graph  # not warmed up by LLM: kinds are traced as steps come
+
+    def generate(picked):
+        params = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS[i], ignore_eos=True)
+                  for i in picked]
+        return [o.token_ids for o in llm.generate([prompts[i] for i in picked], params)]
+
+    assert generate([0]) == [alone[0]]
+    assert graph.traced == {False}
+    assert generate([0, 1, 2]) == [alone[i] for i in (0, 1, 2)]
+    assert graph.traced == {False, True}
