@@ -128,22 +128,45 @@ class MoE(nn.Module):
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                     w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                     limit: float | None) -> torch.Tensor:
-    """Routed experts over x [N, dim] as three grouped matmuls over the tokens sorted by
-    expert; w1, w3 [E, dim, inter] and w2 [E, inter, dim] stacked (`MoE.stack_experts`).
-    The same sums as `MoE._looped` (bitwise, on a CPU), each token's experts added in expert
-    order. A custom op, so that a compiled graph calls it as it is: the offsets are data, which
-    `torch.compile` cannot trace through, and grouped_mm's tracing rule wants bf16. The
-    activations are computed in place: four fewer tensors of [tokens * k, inter] each call."""
-    order = indices.flatten().argsort(stable=True)  # (token, slot) pairs by expert
+    """Routed experts over x [N, dim] as matmuls over the tokens sorted by expert; w1, w3
+    [E, dim, inter] and w2 [E, inter, dim] stacked (`MoE.stack_experts`). The same sums as
+    `MoE._looped`, each token's experts added in expert order (bitwise through grouped_mm,
+    to rounding through the batched product). A custom op, so that a compiled graph calls it
+    as it is: the group sizes are data, which `torch.compile` cannot trace through, and
+    grouped_mm's tracing rule wants bf16. The activations are computed in place: four fewer
+    tensors of [tokens * k, inter] each call."""
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)  # (token, slot) pairs by expert
     token = order // indices.shape[1]
-    ends = torch.bincount(indices.flatten(), minlength=len(w1)).cumsum(0).to(torch.int32)
-    rows = x[token]
-    gate = F.grouped_mm(rows, w1, offs=ends)
-    up = F.grouped_mm(rows, w3, offs=ends)
+    counts = torch.bincount(flat, minlength=len(w1))
+    rows, scale = x[token], weights.flatten()[order, None].to(x.dtype)
+    width = int(counts.max())
+    padded = width <= SMALL_GROUP and bool(counts.min() > 0)
+    if padded:
+        # every expert has a few rows (a batch of decode tokens): one batched product over
+        # the rows laid out [E, busiest count, ...], zeros after each expert's own, is
+        # 1.5x-1.6x faster than grouped_mm's loop of small products (8 to 64 tokens of the
+        # benchmark config, 2-core EPYC); with idle experts it would read their weights too
+        expert = flat[order]
+        slot = torch.arange(len(flat), device=x.device) - (counts.cumsum(0) - counts)[expert]
+        rows, scale = (t.new_zeros(len(w1), width, t.shape[1]).index_put_((expert, slot), t)
+                       for t in (rows, scale))
+        matmul = torch.bmm
+    else:
+        ends = counts.cumsum(0).to(torch.int32)
+
+        def matmul(a, w):
+            return F.grouped_mm(a, w, offs=ends)
+    gate, up = matmul(rows, w1), matmul(rows, w3)
     if limit is not None:
         gate.clamp_(max=limit), up.clamp_(-limit, limit)
-    h = F.silu(gate, inplace=True).mul_(up).mul_(weights.flatten()[order, None].to(up.dtype))
-    return torch.zeros_like(x).index_add_(0, token, F.grouped_mm(h, w2, offs=ends))
+    out = matmul(F.silu(gate, inplace=True).mul_(up).mul_(scale), w2)
+    if padded:
+        out = out[expert, slot]
+    return torch.zeros_like(x).index_add_(0, token, out)
+
+
+SMALL_GROUP = 64  # rows per expert up to which one batched product beats grouped_mm
 
 
 @grouped_experts.register_fake
