@@ -218,7 +218,8 @@ def _compress(comp: Compressor, x, step: _Step, state: str, finish) -> torch.Ten
     if size == ratio:
         # a ring of one window (HCA): once the token's rows are in, a closing token's window
         # is the whole ring in order (row r holds offset r), read as one block per request
-        # with no per-row index (4x faster at 32 requests); other tokens' pools are dropped
+        # with no per-row index (its fused kernel: 2.1 -> 1.2 ms at 32 requests on a 2-core
+        # EPYC); other tokens' pools are dropped
         _ring_write(ring_kv, step, kv)
         _ring_write(ring_score, step, score)
         rows_kv, rows_score = ring_kv[step.slots], ring_score[step.slots]  # [B, size, C]
