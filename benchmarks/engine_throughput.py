@@ -87,10 +87,11 @@ def prefill_flops(model, prompt_len: int) -> float:
     return per_token * prompt_len + last_token + attention
 
 
-def matmul_rate(rows: int, dim: int, inter: int, repeats: int = 10) -> float:
-    """FLOP/s of a [rows, dim] x [dim, inter] product, the routed experts' first matrix over a
-    step's token budget: the shape that carries most of a prefill's FLOPs."""
-    a, w = torch.randn(rows, dim), torch.randn(inter, dim)
+def matmul_rate(rows: int, dim: int, inter: int, dtype: torch.dtype,
+                repeats: int = 10) -> float:
+    """FLOP/s of a [rows, dim] x [dim, inter] product in `dtype`, the routed experts' first
+    matrix over a step's token budget: the shape that carries most of a prefill's FLOPs."""
+    a, w = torch.randn(rows, dim, dtype=dtype), torch.randn(inter, dim, dtype=dtype)
     with torch.inference_mode():
         seconds, _ = median_seconds(lambda: torch.nn.functional.linear(a, w), repeats)
     return 2 * rows * dim * inter / seconds
@@ -238,14 +239,16 @@ def main() -> int:
                       for name, s in summaries.items())
           + f", transformers at {hf_row['decode_tok_s'] / bound:.0%}")
     prefill_gflop = max(levels) * prefill_flops(model, opts.prompt_len) / 1e9
-    mm_gflop_s = matmul_rate(2048, args.hidden_size, args.moe_intermediate_size) / 1e9
+    mm_gflop_s = matmul_rate(2048, args.hidden_size, args.moe_intermediate_size,
+                             torch.bfloat16 if opts.dtype == "bf16" else torch.float32) / 1e9
     for name in engines:
         rate = prefill_gflop / row(name, max(levels))["prefill_seconds"]
         summaries[name]["prefill_gflop_s"] = rate
         print(f"{name}: the {max(levels)} prompts' prefill needs {prefill_gflop:.0f} GFLOP, "
               f"run at {rate:.0f} GFLOP/s, {rate / mm_gflop_s:.0%} of a 2048 x "
-              f"{args.hidden_size} x {args.moe_intermediate_size} matmul's {mm_gflop_s:.0f} "
-              f"GFLOP/s here; at that rate it would take {prefill_gflop / mm_gflop_s:.2f} s")
+              f"{args.hidden_size} x {args.moe_intermediate_size} {opts.dtype} matmul's "
+              f"{mm_gflop_s:.0f} GFLOP/s here; at that rate it would take "
+              f"{prefill_gflop / mm_gflop_s:.2f} s")
     print(json.dumps({"benchmark": "engine_throughput", "prompt_len": opts.prompt_len,
                       "dtype": opts.dtype, "output_len": opts.output_len, "config": SMALL,
                       "rows": rows, "engines": summaries, "compile_s": compile_s,
