@@ -18,6 +18,7 @@ from dsv4.engine.decode_graph import DecodeGraph
 from dsv4.engine.llm import LLM
 from dsv4.engine.model_runner import V4ModelRunner
 from dsv4.engine.sampling_params import SamplingParams
+from dsv4.model import moe
 from dsv4.model.transformer import Transformer
 from dsv4.platforms.cpu import CpuPlatform
 from dsv4.train.trainer import init_weights
@@ -51,9 +52,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def three_kinds_of_block(tmp_path_factory):
     """A hashed CSA layer (indexer, two compressors, top-k), an HCA layer (entries padded to
-    2, where dynamo would otherwise specialise) and a window-only layer: six graphs to compile
-    (three kinds of block, each for one request and for more), ~3 minutes on 2 cores with an
-    empty inductor cache."""
+    2, where dynamo would otherwise specialise) and a window-only layer: nine graphs to compile
+    (three kinds of block, each for every kind of step), ~4 minutes on 2 cores with an empty
+    inductor cache."""
     return _checkpoint(tmp_path_factory, num_hidden_layers=3, compress_ratios=[4, 128, 0, 0])
 
 
@@ -77,6 +78,22 @@ class _Counting:
         self.steps += 1
         self.batch_sizes.add(batch.num_tokens)
         return self.graph(batch)
+
+
+class _Profiled:
+    """Whether a decode graph's steps of each batch size ran the batched expert products (a
+    custom op, which the profiler sees inside a compiled graph)."""
+
+    def __init__(self, graph: DecodeGraph) -> None:
+        self.graph, self.batched_experts = graph, {}
+
+    def __call__(self, batch):
+        with torch.profiler.profile() as prof:
+            logits = self.graph(batch)
+        ran = any(e.key == "dsv4::grouped_experts" for e in prof.key_averages())
+        self.batched_experts.setdefault(batch.num_tokens, ran)
+        assert self.batched_experts[batch.num_tokens] == ran
+        return logits
 
 
 def _engine(path, **kwargs) -> LLM:
@@ -142,16 +159,18 @@ def test_compile_is_refused_where_it_would_do_nothing_or_the_wrong_thing(checkpo
         LLM(model=str(tmp_path), device="cpu", compile=True)
 
 
-def test_compiled_decode_steps_give_the_outputs_of_the_model_alone(three_kinds_of_block):
+def test_compiled_decode_steps_give_the_outputs_of_the_model_alone(three_kinds_of_block,
+                                                                   monkeypatch):
     path, prompts, alone = three_kinds_of_block
-    llm = _engine(path, compile=True)  # compiles one step of one request and one of two
+    monkeypatch.setattr(moe, "GATHERED_MAX_TOKENS", 2)  # so that 6 requests make every kind
+    llm = _engine(path, compile=True)  # compiles steps of 1, 2 and 3 requests
     graph = llm.engine.runner.decode_graph
-    assert graph.traced == {False, True}  # both kinds of graph exist before any request
+    assert graph.traced == {"one", "few", "many"}  # every kind of graph before any request
     counting = _Counting(graph)
     llm.engine.runner.decode_graph = counting
     assert _generate(llm, prompts) == alone
     assert counting.steps >= max(MAX_TOKENS) - 1
-    assert {1, len(prompts)} <= counting.batch_sizes
+    assert {1, 2, len(prompts)} <= counting.batch_sizes
 
 
 @pytest.fixture
@@ -166,10 +185,15 @@ def dynamo_without_inductor(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_a_kind_of_step_first_seen_late_gets_its_own_graphs(one_layer, dynamo_without_inductor):
-    """Steps of one request run with guards skipped once their graphs exist; the first step
-    of several requests must still trace graphs of its own, not run the one-request graphs
-    (dynamo refuses to recompile under the skipping stance, so that would fail loudly)."""
+def test_a_kind_of_step_first_seen_late_gets_its_own_graphs(one_layer, dynamo_without_inductor,
+                                                            monkeypatch):
+    """Steps of one kind run with guards skipped once their graphs exist; the first step of
+    another kind must still trace graphs of its own, not run those of a kind seen before
+    (dynamo refuses to recompile under the skipping stance, so that would fail loudly), and
+    once every kind is traced each step must run its own kind's graph: a few requests their
+    own experts' rows, more the batched products over every expert (a custom op, seen by the
+    profiler)."""
+    monkeypatch.setattr(moe, "GATHERED_MAX_TOKENS", 2)
     path, prompts, alone = one_layer
     llm = _engine(path)
     runner = llm.engine.runner
@@ -182,6 +206,10 @@ def test_a_kind_of_step_first_seen_late_gets_its_own_graphs(one_layer, dynamo_wi
         return [o.token_ids for o in llm.generate([prompts[i] for i in picked], params)]
 
     assert generate([0]) == [alone[0]]
-    assert graph.traced == {False}
-    assert generate([0, 1, 2]) == [alone[i] for i in (0, 1, 2)]
-    assert graph.traced == {False, True}
+    assert graph.traced == {"one"}
+    assert generate([0, 1, 2]) == [alone[i] for i in (0, 1, 2)]  # 3, then 2, then 1 request
+    assert graph.traced == {"one", "few", "many"}
+    runner.decode_graph = profiled = _Profiled(graph)
+    for picked in ([0, 1], [0, 1, 2], [3, 4]):
+        assert generate(picked) == [alone[i] for i in picked]
+    assert profiled.batched_experts == {1: False, 2: False, 3: True}

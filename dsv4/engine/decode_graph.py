@@ -15,8 +15,9 @@ traces to one graph:
 
 Blocks are compiled one at a time (regional compilation): layers of the same kind share a
 graph, so compiling costs the same for 4 layers or 61. A single request (B = 1) gets graphs of
-its own, in which inductor turns one-row matrix products into fused loops instead of BLAS
-calls. Eagerly, a decode step of the small benchmark config is about 1,500 torch ops, each
+its own, and so do up to 8 requests (`step_kind`): in both, inductor turns matrix products of
+their few rows into fused loops instead of BLAS calls, and each request reads only its own
+experts. Eagerly, a decode step of the small benchmark config is about 1,500 torch ops, each
 dispatched for more time than its arithmetic takes on a CPU; docs/benchmarks.md has what
 compiling gives.
 """
@@ -30,6 +31,7 @@ import torch
 
 from dsv4.engine.batch import RaggedBatch
 from dsv4.engine.paged_ops import entry_pool_rows
+from dsv4.model import moe
 from dsv4.model.attention import quantize_indexer, quantize_kv_nope, sparse_attention, stable_topk
 from dsv4.model.compressor import Compressor
 from dsv4.model.hyper import hc_post
@@ -97,24 +99,24 @@ class DecodeGraph:
         self.min_entries = {4: max(model.args.index_topk, MIN_HCA_ENTRIES), 128: MIN_HCA_ENTRIES}
         self.block = decode_block
         self.compiled = compile_options is not None
-        self.traced: set[bool] = set()  # the kinds of step run so far: B > 1 or not
+        self.traced: set[str] = set()  # the kinds of step run so far (`step_kind`)
         if self.compiled:
             _check_torch_can_compile()
-            # graphs per kind of block (ratio, hashed router) and per B = 1 or B > 1
+            # graphs per kind of block (ratio, hashed router) and per kind of step
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             self.block = torch.compile(decode_block, fullgraph=True, options=compile_options)
 
     def __call__(self, batch: RaggedBatch) -> torch.Tensor:
         """-> logits [B, vocab] float32 of a plain decode batch; the pools are updated.
 
-        The first step of each kind (B = 1, B > 1) compiles a graph per kind of block, with B
+        The first step of each kind (`step_kind`) compiles a graph per kind of block, with B
         and E symbolic, so no later step of that kind needs another. Those later steps run with
         dynamo checking only the guards that tell the graphs apart, not the hundreds on
         parameters and pools that cannot change (a check of a block's guards cost ~0.4 ms per
         call on a 2-core CPU, more than a fifth of the block)."""
         if not self.compiled:
             return self._step(batch)
-        kind = batch.num_tokens > 1
+        kind = step_kind(batch.num_tokens)
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=kind in self.traced):
             logits = self._step(batch)
         self.traced.add(kind)
@@ -138,6 +140,22 @@ class DecodeGraph:
             x = self.block(layer, x, ids, positions, slots, entries.get(layer.ratio), pools,
                            m._inv_freq(layer.ratio), self.flags)
         return m._head(x, m, m.norm)[0]
+
+
+def step_kind(num_requests: int) -> str:
+    """Which graphs a decode step of this many requests runs: "one" (the shapes of a lone
+    request), "few" (up to `GATHERED_MAX_TOKENS`: the experts, and on a CPU the matrix
+    products, as fused loops over each request's rows) or "many" (BLAS products over every
+    expert). The MoE's test of the token count is what gives "few" and "many" graphs of
+    their own: dynamo guards on it."""
+    if num_requests == 1:
+        return "one"
+    return "few" if num_requests <= moe.GATHERED_MAX_TOKENS else "many"
+
+
+def step_kind_sizes() -> list[int]:
+    """The smallest number of requests of each kind of step."""
+    return [1, 2, moe.GATHERED_MAX_TOKENS + 1]
 
 
 def _check_torch_can_compile() -> None:

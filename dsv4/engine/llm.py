@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv4.engine.config import EngineConfig
+from dsv4.engine.decode_graph import step_kind_sizes
 from dsv4.engine.kv_cache import CacheSpec, KVCacheLayout, plan_layout
 from dsv4.engine.llm_engine import LLMEngine
 from dsv4.engine.request import RequestOutput
@@ -113,9 +114,10 @@ class LLM:
 
     def _compile_decode(self, max_model_len: int) -> None:
         """Compile the decode graphs now, not during the first requests: a decode step of one
-        request and, where the engine may batch, one of two make both kinds (B = 1, B > 1) of
-        every block's graph. (Where the token budget keeps two requests from decoding in one
-        step here, the first such step later compiles its graphs.)"""
+        request, of two and of nine (`step_kind_sizes`), as far as the engine batches, make
+        every kind of every block's graph. (Where the token budget
+        keeps them from decoding in one step here, the first such step later compiles its
+        graphs.)"""
         log.info("compiling the decode step (a minute or more the first time on a CPU; "
                  "inductor caches it on disk)")
         start = time.perf_counter()
@@ -125,9 +127,9 @@ class LLM:
             # dynamo notes that it traces through functools.cache; those functions build
             # constant tensors (Sinkhorn's 0/1 matrices, FP4 tables), which it may rebuild
             warnings.filterwarnings("ignore", message=".*functools.lru_cache")
-            self.engine.generate([[1]], params)
-            if self.config.max_num_seqs > 1:
-                self.engine.generate([[1], [2]], params)
+            for num in step_kind_sizes():
+                if num <= self.config.max_num_seqs:
+                    self.engine.generate([[1 + i] for i in range(num)], params)
         log.info("decode step compiled in %.0f s", time.perf_counter() - start)
 
     # the server drives these directly
