@@ -569,7 +569,9 @@ def test_oversized_bodies_and_prompts_are_refused_before_they_are_read(small_ser
 
 
 def test_full_queue_429_and_disconnect_aborts(small_server):
-    body = {"model": MODEL, "max_tokens": 200, "ignore_eos": True, "stream": True,
+    # long enough that the two running streams cannot finish, freeing a place, before the
+    # fourth request arrives (200 tokens could, on a fast 2-core box under the whole suite)
+    body = {"model": MODEL, "max_tokens": 900, "ignore_eos": True, "stream": True,
             "messages": [{"role": "user", "content": "hi"}],
             "thinking": {"type": "disabled"}}
     before = small_server.metrics().get('dsv4_request_finish_total{reason="abort"}', 0)
