@@ -1,7 +1,7 @@
 """The decode step written for torch.compile (dsv4/engine/decode_graph.py): run eagerly, it
 must give the outputs of the runner's general path and of the model alone; compiled, the same.
 
-The eager runs check the graph's math in seconds; the compiled run costs about three minutes
+The eager runs check the graph's math in seconds; the compiled run costs about four minutes
 of inductor on a 2-core CPU and checks what dynamo and inductor make of it: symbolic batch size
 and entry counts, in-place cache writes, and the guard-free calls after warm-up."""
 
