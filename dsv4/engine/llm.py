@@ -115,9 +115,8 @@ class LLM:
     def _compile_decode(self, max_model_len: int) -> None:
         """Compile the decode graphs now, not during the first requests: a decode step of one
         request, of two and of nine (`step_kind_sizes`), as far as the engine batches, make
-        every kind of every block's graph. (Where the token budget
-        keeps them from decoding in one step here, the first such step later compiles its
-        graphs.)"""
+        every kind of every block's graph. (Where the token budget keeps them from decoding
+        in one step here, the first such step later compiles its graphs.)"""
         log.info("compiling the decode step (a minute or more the first time on a CPU; "
                  "inductor caches it on disk)")
         start = time.perf_counter()
