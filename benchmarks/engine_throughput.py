@@ -183,7 +183,8 @@ def main() -> int:
         llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     model = llms["dsv4 engine"].engine.runner.model
     weight_bytes = decode_weight_bytes(model)
-    hf.to(torch.bfloat16 if opts.dtype == "bf16" else torch.float32)
+    torch_dtype = torch.bfloat16 if opts.dtype == "bf16" else torch.float32
+    hf.to(torch_dtype)
 
     def engine_run(n, c, llm):
         outs = llm.generate(prompts[:c], SamplingParams(temperature=0, max_tokens=n,
@@ -240,7 +241,7 @@ def main() -> int:
           + f", transformers at {hf_row['decode_tok_s'] / bound:.0%}")
     prefill_gflop = max(levels) * prefill_flops(model, opts.prompt_len) / 1e9
     mm_gflop_s = matmul_rate(2048, args.hidden_size, args.moe_intermediate_size,
-                             torch.bfloat16 if opts.dtype == "bf16" else torch.float32) / 1e9
+                             torch_dtype) / 1e9
     for name in engines:
         rate = prefill_gflop / row(name, max(levels))["prefill_seconds"]
         summaries[name]["prefill_gflop_s"] = rate

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from dsv4.model.moe import GATHERED_MAX_TOKENS
 from dsv4.platforms.base import Platform
 
 
@@ -47,12 +48,12 @@ class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
-    # inductor turns matrix products of up to 8 rows (a decode step of up to 8 requests, as
-    # many as dsv4.model.moe.GATHERED_MAX_TOKENS) into fused loops instead of BLAS calls: 47
-    # calls, ~2.5 ms of a ~13 ms one-request step on a 2-core EPYC. (The threshold is read
-    # when inductor first imports the pass, so it holds for the process's compiles.)
+    # inductor turns matrix products of as few rows as a "few requests" decode step has into
+    # fused loops instead of BLAS calls: 47 calls, ~2.5 ms of a ~13 ms one-request step on a
+    # 2-core EPYC. (The threshold is read when inductor first imports the pass, so it holds
+    # for the process's compiles.)
     compile_options = {"post_grad_fusion_options": {
-        "decompose_mm_pass": {"cpu_max_first_dimension_decomposition": 8}}}
+        "decompose_mm_pass": {"cpu_max_first_dimension_decomposition": GATHERED_MAX_TOKENS}}}
 
     @classmethod
     def is_available(cls) -> bool:
