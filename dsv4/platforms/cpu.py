@@ -52,7 +52,11 @@ class CpuPlatform(Platform):
     # fused loops instead of BLAS calls: 47 calls, ~2.5 ms of a ~13 ms one-request step on a
     # 2-core EPYC. (The threshold is read when inductor first imports the pass, so it holds
     # for the process's compiles.)
-    compile_options = {"post_grad_fusion_options": {
+    # cpp_wrapper: each graph's calls of its kernels, allocations and checks run as compiled
+    # C++ instead of generated Python (~20 kernels and ~130 buffers a graph). Decode steps of
+    # 1 to 32 requests 11-16% faster in bf16 on a 2-core EPYC, 2-6% in fp32; the first
+    # compile takes longer.
+    compile_options = {"cpp_wrapper": True, "post_grad_fusion_options": {
         "decompose_mm_pass": {"cpu_max_first_dimension_decomposition": GATHERED_MAX_TOKENS}}}
 
     @classmethod
