@@ -121,6 +121,17 @@ def test_preempted_request_recomputes_prompt_and_outputs_then_finishes():
     assert s.block_manager.num_free_blocks == 2 and s.block_manager.num_free_slots == 8
 
 
+def test_a_requests_tokens_between_two_positions_span_prompt_and_outputs():
+    # what a chunk computes: prompt-only (prefill), output-only (decode) or both (recompute
+    # after a preemption), read without joining the two lists
+    req = Request("a", [10, 11, 12], SamplingParams())
+    req.output_token_ids += [20, 21]
+    every = [10, 11, 12, 20, 21]
+    for start in range(6):
+        for end in range(start, 6):
+            assert req.token_ids_between(start, end) == every[start:end], (start, end)
+
+
 def test_abort_frees_everything():
     s = _sched(num_blocks=8, budget=1000)
     s.add_request(_req("a", 300))

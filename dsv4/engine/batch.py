@@ -115,7 +115,7 @@ def build_draft_batch(
     logits order. The MTP layer has a window only, so no blocks or compressed slots."""
     ids: list[int] = []
     for req, start, count in spans:
-        ids += req.all_token_ids[start + 1 : start + 1 + count]
+        ids += req.token_ids_between(start + 1, start + 1 + count)
     decodes_next = [req.num_tokens_to_compute == 1 for req, _, _ in spans]
     batch = _ragged(
         ids,

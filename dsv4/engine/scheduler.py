@@ -39,7 +39,7 @@ class ScheduledRequest:
     @property
     def token_ids(self) -> list[int]:
         known = self.num_new_tokens - len(self.draft_token_ids)
-        return self.request.all_token_ids[self.start_pos : self.start_pos + known] + \
+        return self.request.token_ids_between(self.start_pos, self.start_pos + known) + \
             self.draft_token_ids
 
     @property
