@@ -7,9 +7,11 @@ traces to one graph:
 * every shape depends only on the number of requests B and the entry counts E of the
   compressed layers (CSA padded to at least the indexer's top-k, HCA to at least 2), never
   on values, so B and E are symbolic and one graph serves every batch and context length;
-* what the general path skips by a host-side test is done for every request and masked: each
-  compressor pools its window on every step, and the entry is stored only where the window
-  closed (any other request rewrites a row it owns with the value it holds);
+* what the general path skips by a host-side test is done for every request and masked: the
+  CSA compressors pool every request's window on every step, and the entry is stored only
+  where the window closed (any other request rewrites a row it owns with the value it
+  holds); the HCA compressor, whose 128-token windows close rarely, pools only the requests
+  listed as closing (a count as symbolic as B);
 * CSA layers always attend to the indexer's gathered top-k (the general path attends to all
   entries under the top-k mask while there are few; the sums are the same).
 
@@ -75,7 +77,7 @@ def entry_rows(batch: RaggedBatch, ratio: int, block_size: int, min_entries: int
     write = own_block * per_block + (positions // ratio) % per_block
     closes = (positions + 1) % ratio == 0
     if len(closes) == 1:
-        closing = torch.zeros(1, dtype=torch.long)
+        closing = positions.new_zeros(1)
     else:
         closing = closes.nonzero().squeeze(1)
         closing = torch.cat([closing, closing.new_zeros(max(0, MIN_CLOSING - len(closing)))])
