@@ -53,8 +53,7 @@ class EntryRows:
     entry exists and the token may see it; closes: [B] the token closes a window; write: [B]
     the pool row of entry position // ratio, which a closing token fills and any other token
     rewrites with its own value (its block exists: the token is in it); closing: [P] the
-    requests that close a window, padded with request 0 to `MIN_CLOSING` when B > 1 (a lone
-    request is always listed)."""
+    requests that close a window, padded with request 0 to `MIN_CLOSING` rows."""
 
     rows: torch.Tensor
     valid: torch.Tensor
@@ -76,11 +75,8 @@ def entry_rows(batch: RaggedBatch, ratio: int, block_size: int, min_entries: int
     per_block = block_size // ratio
     write = own_block * per_block + (positions // ratio) % per_block
     closes = (positions + 1) % ratio == 0
-    if len(closes) == 1:
-        closing = positions.new_zeros(1)
-    else:
-        closing = closes.nonzero().squeeze(1)
-        closing = torch.cat([closing, closing.new_zeros(max(0, MIN_CLOSING - len(closing)))])
+    closing = closes.nonzero().squeeze(1)
+    closing = torch.cat([closing, closing.new_zeros(max(0, MIN_CLOSING - len(closing)))])
     return EntryRows(rows, valid, closes, write, closing)
 
 
