@@ -81,6 +81,9 @@ class _Counting:
         return self.graph(batch)
 
 
+BATCHED_EXPERTS = ("dsv4::grouped_experts", "dsv4::padded_experts")  # custom ops
+
+
 class _Profiled:
     """Whether a decode graph's steps of each batch size ran the batched expert products (a
     custom op, which the profiler sees inside a compiled graph)."""
@@ -91,7 +94,7 @@ class _Profiled:
     def __call__(self, batch):
         with torch.profiler.profile() as prof:
             logits = self.graph(batch)
-        ran = any(e.key == "dsv4::grouped_experts" for e in prof.key_averages())
+        ran = any(e.key in BATCHED_EXPERTS for e in prof.key_averages())
         self.batched_experts.setdefault(batch.num_tokens, ran)
         assert self.batched_experts[batch.num_tokens] == ran
         return logits

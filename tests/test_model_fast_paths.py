@@ -147,3 +147,21 @@ def test_traced_one_token_moe_reads_its_experts_in_place_with_the_loops_result(c
         moe.stack_experts()
         gathered = moe(x, ids)  # one token while compiling: `_gathered`
     torch.testing.assert_close(gathered, looped, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+@pytest.mark.parametrize("tokens", [9, 37])
+def test_traced_moe_of_many_tokens_pads_its_rows_in_the_graph_with_the_loops_result(
+        compiling, hashed, tokens):
+    """9 tokens leave some of the 8 experts idle; the hash table sends four tokens to expert 2
+    in all three slots, so that expert gets more rows than there are tokens."""
+    moe = _moe(hashed, seed=tokens)
+    x = torch.randn(1, tokens, 64)
+    ids = torch.randint(0, moe.gate.tid2eid.shape[0] if hashed else 100, (1, tokens))
+    if hashed:
+        moe.gate.tid2eid[ids[0, :4]] = 2
+    with torch.no_grad():
+        looped = moe(x, ids)
+        moe.stack_experts()
+        padded = moe(x, ids)  # more than GATHERED_MAX_TOKENS while compiling: `_padded`
+    torch.testing.assert_close(padded, looped, atol=1e-5, rtol=1e-5)

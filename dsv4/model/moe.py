@@ -15,6 +15,12 @@ from dsv4.model.config import ModelArgs
 # (with its dense products also fused loops, see the CPU platform's compile options), none
 # at 16. A compiled graph traced for at most this many tokens serves only such steps.
 GATHERED_MAX_TOKENS = 8
+# A compiled step of more tokens pads the routed rows to [experts, busiest count, dim] with
+# its routing in the graph (`MoE._padded`) where E <= this x k: there a step of more than
+# GATHERED_MAX_TOKENS tokens routes over 2E rows, so an expert rarely gets none (the padded
+# products would read its weights for nothing). Past it (the released models' 256 or 384
+# experts, of which a token takes 6), the rows are sorted outside the graph (`grouped_experts`).
+PADDED_MAX_EXPERTS_PER_SLOT = 4
 
 
 class Expert(nn.Module):
@@ -100,6 +106,9 @@ class MoE(nn.Module):
             routed = self._looped(x, weights, indices)
         elif torch.compiler.is_compiling() and len(x) <= GATHERED_MAX_TOKENS:
             routed = self._gathered(x, weights, indices)
+        elif torch.compiler.is_compiling() and \
+                len(self.experts) <= PADDED_MAX_EXPERTS_PER_SLOT * self.gate.topk:
+            routed = self._padded(x, weights, indices)
         else:
             routed = grouped_experts(x, weights, indices, self._w1, self._w2, self._w3,
                                      self.experts[0].limit)
@@ -130,6 +139,25 @@ class MoE(nn.Module):
         h = F.silu(gate) * up * weights[..., None].to(up.dtype)
         return (h[:, :, None, :] * w2).sum(-1).sum(1)  # [T, dim], slots in order
 
+    def _padded(self, x, weights, indices) -> torch.Tensor:
+        """A compiled step of more tokens: `grouped_experts`' batched products over rows padded
+        to the busiest expert, with the routing traced into the graph (a few fused kernels
+        instead of ~20 eager ops a layer). The (token, slot) pair p goes to row `rank` of its
+        expert, rank = how many earlier pairs chose that expert, so each expert's rows keep
+        token order. Room for every pair at every expert: a hash table may list an expert
+        twice for a token."""
+        tokens, k = indices.shape
+        expert = indices.flatten()
+        pair = torch.arange(len(expert), device=x.device)
+        rank = ((expert[:, None] == expert[None, :]) & (pair[:, None] > pair[None, :])).sum(1)
+        counts = (expert[:, None] == torch.arange(len(self.experts), device=x.device)).sum(0)
+        rows, scale = (t.new_zeros(len(self.experts), len(pair), t.shape[1])
+                       .index_put_((expert, rank), t)
+                       for t in (x[pair // k], weights.flatten()[:, None].to(x.dtype)))
+        out = padded_experts(rows, scale, counts, self._w1, self._w2, self._w3,
+                             self.experts[0].limit)
+        return out[expert, rank].view(tokens, k, -1).sum(1)  # [T, dim]
+
 
 @torch.library.custom_op("dsv4::grouped_experts", mutates_args=())
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
@@ -140,8 +168,7 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     `MoE._looped`, each token's experts added in expert order (bitwise through grouped_mm,
     to rounding through the batched product). A custom op, so that a compiled graph calls it
     as it is: the group sizes are data, which `torch.compile` cannot trace through, and
-    grouped_mm's tracing rule wants bf16. The activations are computed in place: four fewer
-    tensors of [tokens * k, inter] each call."""
+    grouped_mm's tracing rule wants bf16."""
     flat = indices.flatten()
     order = flat.argsort(stable=True)  # (token, slot) pairs by expert
     token = order // indices.shape[1]
@@ -165,16 +192,42 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
 
         def matmul(a, w):
             return F.grouped_mm(a, w, offs=ends)
-    gate, up = matmul(rows, w1), matmul(rows, w3)
-    if limit is not None:
-        gate.clamp_(max=limit), up.clamp_(-limit, limit)
-    out = matmul(F.silu(gate, inplace=True).mul_(up).mul_(scale), w2)
+    out = _swiglu(rows, scale, w1, w2, w3, limit, matmul)
     if padded:
         out = out[expert, slot]
     return torch.zeros_like(x).index_add_(0, token, out)
 
 
 SMALL_GROUP = 64  # rows per expert up to which one batched product beats grouped_mm
+
+
+def _swiglu(rows, scale, w1, w2, w3, limit: float | None, matmul) -> torch.Tensor:
+    """The experts' SwiGLU over their rows, each row times its routing weight before w2; the
+    activations in place (four fewer tensors of [rows, inter])."""
+    gate, up = matmul(rows, w1), matmul(rows, w3)
+    if limit is not None:
+        gate.clamp_(max=limit), up.clamp_(-limit, limit)
+    return matmul(F.silu(gate, inplace=True).mul_(up).mul_(scale), w2)
+
+
+@torch.library.custom_op("dsv4::padded_experts", mutates_args=())
+def padded_experts(rows: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor,
+                   w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                   limit: float | None) -> torch.Tensor:
+    """Routed experts over rows laid out [E, C, dim] (`MoE._padded`): expert e's counts[e]
+    rows first, zeros after; scale [E, C, 1] their routing weights. One batched product per
+    matrix over the first max(counts) rows of every expert: that width is data, which a
+    compiled graph cannot trace. -> [E, C, dim]; rows past the busiest expert's count are
+    left unset, as nothing reads them."""
+    width = int(counts.max())
+    out = torch.empty_like(rows)
+    out[:, :width] = _swiglu(rows[:, :width], scale[:, :width], w1, w2, w3, limit, torch.bmm)
+    return out
+
+
+@padded_experts.register_fake
+def _(rows, scale, counts, w1, w2, w3, limit):
+    return torch.empty_like(rows)
 
 
 @grouped_experts.register_fake
