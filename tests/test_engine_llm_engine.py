@@ -205,3 +205,23 @@ def test_llm_refuses_a_context_longer_than_the_model_and_an_empty_cache():
         LLM(model=str(BUNDLED), device="cpu", dtype="fp32", max_model_len=10**9)
     with pytest.raises(ValueError, match="kv_cache_memory_bytes"):  # was the 1 GiB default
         LLM(model=str(BUNDLED), device="cpu", dtype="fp32", kv_cache_memory_bytes=0)
+
+
+def test_generate_builds_only_final_outputs_and_step_reports_every_step(hf_model, monkeypatch):
+    """An output copies its request's tokens so far: offline generate reads only finished
+    ones, so it builds no others; `step` still reports every updated request at every step,
+    which a server's streams read."""
+    eng = _engine(hf_model)
+    reported, report = [], eng._report
+    monkeypatch.setattr(eng, "_report", lambda rid: reported.append(rid) or report(rid))
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 6)]
+    outs = eng.generate(_prompts(2, seed=9), params)
+    assert [len(o.token_ids) for o in outs] == [3, 6] and all(o.finished for o in outs)
+    assert sorted(reported) == sorted(o.request_id for o in outs)
+    reported.clear()
+    rid = eng.add_request(_prompts(1, seed=10)[0], params[1])
+    steps = 0
+    while eng.has_unfinished_requests():
+        assert [o.request_id for o in eng.step()] == [rid]
+        steps += 1
+    assert reported == [rid] * steps
