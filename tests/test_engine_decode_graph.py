@@ -172,9 +172,12 @@ def test_compiled_decode_steps_give_the_outputs_of_the_model_alone(three_kinds_o
     assert graph.traced == {"one", "few", "many"}  # every kind of graph before any request
     counting = _Counting(graph)
     llm.engine.runner.decode_graph = counting
-    assert _generate(llm, prompts) == alone
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert _generate(llm, prompts) == alone  # prefills through compiled hyper-connections
     assert counting.steps >= max(MAX_TOKENS) - 1
     assert {1, 2, len(prompts)} <= counting.batch_sizes
+    # the warm-up compiled every graph: the prefills' and every kind of decode step's
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
 
 
 @pytest.fixture

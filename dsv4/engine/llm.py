@@ -115,8 +115,9 @@ class LLM:
     def _compile_decode(self, max_model_len: int) -> None:
         """Compile the decode graphs now, not during the first requests: a decode step of one
         request, of two and of nine (`step_kind_sizes`), as far as the engine batches, make
-        every kind of every block's graph. (Where the token budget keeps them from decoding
-        in one step here, the first such step later compiles its graphs.)"""
+        every kind of every block's graph, and a prefill of two tokens the general path's
+        hyper-connections (a one-token prompt is a decode step). (Where the token budget keeps
+        them from decoding in one step here, the first such step later compiles its graphs.)"""
         log.info("compiling the decode step (a minute or more the first time on a CPU; "
                  "inductor caches it on disk)")
         start = time.perf_counter()
@@ -126,6 +127,8 @@ class LLM:
             # dynamo notes that it traces through functools.cache; those functions build
             # constant tensors (Sinkhorn's 0/1 matrices, FP4 tables), which it may rebuild
             warnings.filterwarnings("ignore", message=".*functools.lru_cache")
+            if max_model_len > 2:
+                self.engine.generate([[1, 1]], SamplingParams(temperature=0, max_tokens=1))
             for num in step_kind_sizes():
                 if num <= self.config.max_num_seqs:
                     self.engine.generate([[1 + i] for i in range(num)], params)

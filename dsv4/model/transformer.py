@@ -51,16 +51,14 @@ class Block(nn.Module):
         _hc_params(self, "hc_ffn", args, mixes)
 
     def _pre(self, x, which):
+        return hc_pre(x, *self.hc_args(which))
+
+    def hc_args(self, which: str) -> tuple:
+        """`hc_pre`'s arguments after the streams, for the "attn" or "ffn" sub-block."""
         a = self.args
-        return hc_pre(
-            x,
-            getattr(self, f"hc_{which}_fn"),
-            getattr(self, f"hc_{which}_base"),
-            getattr(self, f"hc_{which}_scale"),
-            a.hc_sinkhorn_iters,
-            a.hc_eps,
-            a.rms_norm_eps,
-        )
+        return (getattr(self, f"hc_{which}_fn"), getattr(self, f"hc_{which}_base"),
+                getattr(self, f"hc_{which}_scale"), a.hc_sinkhorn_iters, a.hc_eps,
+                a.rms_norm_eps)
 
     def forward(self, x, ids, positions, inv_freq, cache, kv_fp8, indexer_fp4):
         """x [B, S, n, D] streams -> streams."""
