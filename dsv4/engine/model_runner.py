@@ -257,11 +257,11 @@ class V4ModelRunner(ModelRunner):
 
 def _any_length(fn, num_streams: int, options: dict):
     """`fn` compiled for the general path's hyper-connections: ~10 elementwise ops over the
-    [1, T, n, D] streams each, fused. A prefill of 32 x 64 tokens of the benchmark config
-    8-26% faster in bf16 and 3% in fp32 (in-process A/Bs on a 2-core CPU). Its first `num_streams` arguments are [1, T, ...]
-    with T symbolic, so one graph serves every token count above one; the weights after
-    them stay static (with every size symbolic, dynamo would tie T to a weight's equal size
-    and compile again when they differ)."""
+    [1, T, n, D] streams each, fused (a prefill of 32 x 64 tokens of the benchmark config
+    8-26% faster in bf16 and 3% in fp32, in-process A/Bs on a 2-core CPU). Its first
+    `num_streams` arguments are [1, T, ...] with T symbolic, so one graph serves every token
+    count above one; the weights after them stay static (with every size symbolic, dynamo
+    would tie T to a weight's equal size and compile again when they differ)."""
     compiled = torch.compile(fn, options=options)
 
     def call(*args):

@@ -15,11 +15,12 @@ from dsv4.model.config import ModelArgs
 # (with its dense products also fused loops, see the CPU platform's compile options), none
 # at 16. A compiled graph traced for at most this many tokens serves only such steps.
 GATHERED_MAX_TOKENS = 8
-# A compiled step of more tokens pads the routed rows to [experts, busiest count, dim] with
-# its routing in the graph (`MoE._padded`) where E <= this x k: there a step of more than
-# GATHERED_MAX_TOKENS tokens routes over 2E rows, so an expert rarely gets none (the padded
-# products would read its weights for nothing). Past it (the released models' 256 or 384
-# experts, of which a token takes 6), the rows are sorted outside the graph (`grouped_experts`).
+# A compiled step of more tokens lays its routed rows out per expert inside the graph, the
+# products running over the busiest expert's count (`MoE._padded`), where E <= this x k: a
+# step of more than GATHERED_MAX_TOKENS tokens routes over 2E rows, so an expert rarely gets
+# none (the padded products would read its weights for nothing). Past it (the released
+# models' 256 or 384 experts, of which a token takes 6), the rows are sorted outside the
+# graph (`grouped_experts`).
 PADDED_MAX_EXPERTS_PER_SLOT = 4
 
 
