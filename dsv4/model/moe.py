@@ -144,18 +144,18 @@ class MoE(nn.Module):
         """A compiled step of more tokens: `grouped_experts`' batched products over rows padded
         to the busiest expert, with the routing traced into the graph (a few fused kernels
         instead of ~20 eager ops a layer). The (token, slot) pair p goes to row `rank` of its
-        expert, rank = how many earlier pairs chose that expert, so each expert's rows keep
-        token order. Room for every pair at every expert: a hash table may list an expert
-        twice for a token."""
+        expert, rank = how many earlier pairs chose that expert (a running count per expert,
+        linear in the pairs), so each expert's rows keep token order. Room for every pair at
+        every expert: a hash table may list an expert twice for a token."""
         tokens, k = indices.shape
         expert = indices.flatten()
-        pair = torch.arange(len(expert), device=x.device)
-        rank = ((expert[:, None] == expert[None, :]) & (pair[:, None] > pair[None, :])).sum(1)
-        counts = (expert[:, None] == torch.arange(len(self.experts), device=x.device)).sum(0)
-        rows, scale = (t.new_zeros(len(self.experts), len(pair), t.shape[1])
+        chose = (expert[:, None] == torch.arange(len(self.experts), device=x.device)).long()
+        rank = (chose.cumsum(0) - chose).gather(1, expert[:, None])[:, 0]
+        rows, scale = (t.new_zeros(len(self.experts), len(expert), t.shape[1])
                        .index_put_((expert, rank), t)
-                       for t in (x[pair // k], weights.flatten()[:, None].to(x.dtype)))
-        out = padded_experts(rows, scale, counts, self._w1, self._w2, self._w3,
+                       for t in (x.repeat_interleave(k, 0),
+                                 weights.flatten()[:, None].to(x.dtype)))
+        out = padded_experts(rows, scale, chose.sum(0), self._w1, self._w2, self._w3,
                              self.experts[0].limit)
         return out[expert, rank].view(tokens, k, -1).sum(1)  # [T, dim]
 
