@@ -70,15 +70,24 @@ def _generate(llm: LLM, prompts) -> list[list[int]]:
 
 
 class _Counting:
-    """Counts the steps a decode graph serves."""
+    """Counts the steps a decode graph serves, and finds the largest memory allocation any
+    of them made (the profiler's raw allocation events: inside a compiled graph's C++, only
+    they show a buffer that is allocated and freed within the call)."""
 
     def __init__(self, graph: DecodeGraph) -> None:
         self.graph, self.steps, self.batch_sizes = graph, 0, set()
+        self.largest_allocation = 0
 
     def __call__(self, batch):
         self.steps += 1
         self.batch_sizes.add(batch.num_tokens)
-        return self.graph(batch)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as prof:
+            logits = self.graph(batch)
+        sizes = [e.nbytes() for e in prof.profiler.kineto_results.events()
+                 if e.name() == "[memory]"]
+        self.largest_allocation = max(self.largest_allocation, *sizes)
+        return logits
 
 
 BATCHED_EXPERTS = ("dsv4::grouped_experts", "dsv4::padded_experts")  # custom ops
@@ -167,7 +176,9 @@ def test_compiled_decode_steps_give_the_outputs_of_the_model_alone(three_kinds_o
                                                                    monkeypatch):
     path, prompts, alone = three_kinds_of_block
     monkeypatch.setattr(moe, "GATHERED_MAX_TOKENS", 2)  # so that 6 requests make every kind
-    llm = _engine(path, compile=True)  # compiles steps of 1, 2 and 3 requests
+    # room for 64 sequences: every cache pool a step writes is larger than anything a step
+    # of 6 requests needs to allocate
+    llm = _engine(path, compile=True, max_num_seqs=64)  # compiles steps of 1, 2, 3 requests
     graph = llm.engine.runner.decode_graph
     assert graph.traced == {"one", "few", "many"}  # every kind of graph before any request
     counting = _Counting(graph)
@@ -178,6 +189,11 @@ def test_compiled_decode_steps_give_the_outputs_of_the_model_alone(three_kinds_o
     assert {1, 2, len(prompts)} <= counting.batch_sizes
     # the warm-up compiled every graph: the prefills' and every kind of decode step's
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
+    # the cache writes go in place: no graph copies a pool it writes (which inductor does
+    # when a read of the pool comes after the write in its graph: `CpuPlatform`)
+    pools = {name: pool.nbytes for name, pool in llm.engine.runner.pools.items()
+             if "window" in name or "compressor" in name}
+    assert counting.largest_allocation < min(pools.values()), (counting.largest_allocation, pools)
 
 
 @pytest.fixture

@@ -56,8 +56,16 @@ class CpuPlatform(Platform):
     # C++ instead of generated Python (~20 kernels and ~130 buffers a graph). Decode steps of
     # 1 to 32 requests 11-16% faster in bf16 on a 2-core EPYC, 2-6% in fp32; the first
     # compile takes longer.
-    compile_options = {"cpp_wrapper": True, "post_grad_fusion_options": {
-        "decompose_mm_pass": {"cpu_max_first_dimension_decomposition": GATHERED_MAX_TOKENS}}}
+    # reorder_for_locality off: that pass moves each node next to its first user, so a ring's
+    # read of the rows before this token (the window, the compressors' state) slid past the
+    # write of this token's row; the write then could not be made in place, and each graph
+    # copied every cache pool it writes, whole, out and back, every step (1-1.75 MB of pools
+    # a layer in bf16 at 32 sequences, growing with --max-num-seqs). Without it the writes go
+    # in place: one-request steps 2.6 -> 2.1 ms, 32-request 8.9 -> 8.4 ms (in-process A/B on
+    # the benchmark config). tests/test_engine_decode_graph.py checks the allocations.
+    compile_options = {"cpp_wrapper": True, "reorder_for_locality": False,
+                       "post_grad_fusion_options": {"decompose_mm_pass": {
+                           "cpu_max_first_dimension_decomposition": GATHERED_MAX_TOKENS}}}
 
     @classmethod
     def is_available(cls) -> bool:
