@@ -7,11 +7,10 @@ traces to one graph:
 * every shape depends only on the number of requests B and the entry counts E of the
   compressed layers (CSA padded to at least the indexer's top-k, HCA to at least 2), never
   on values, so B and E are symbolic and one graph serves every batch and context length;
-* what the general path skips by a host-side test is done for every request and masked: the
-  CSA compressors pool every request's window on every step, and the entry is stored only
-  where the window closed (any other request rewrites a row it owns with the value it
-  holds); the HCA compressor, whose 128-token windows close rarely, pools only the requests
-  listed as closing (a count as symbolic as B);
+* what the general path skips by a host-side test is done for every request and masked:
+  the compressors pool only the requests listed as closing a window (a count as symbolic as
+  B), and an entry is stored for every request, where its window closed the new one (any
+  other request rewrites a row it owns with the value it holds);
 * CSA layers always attend to the indexer's gathered top-k (the general path attends to all
   entries under the top-k mask while there are few; the sums are the same).
 
@@ -208,7 +207,8 @@ def _attention(attn, x: torch.Tensor, step: _Step) -> torch.Tensor:
     keep = (lambda t: quantize_kv_nope(t, attn.rope_dim)) if flags.kv_fp8 else (lambda t: t)
     kv = keep(kv)
     window = step.pools["window_kv"]
-    prior, prior_ok = _ring_read(window, step, window.shape[1] - 1)  # [B, W - 1, C]
+    prior, prior_ok = _ring_read(window, step.slots, step.positions,
+                                 window.shape[1] - 1)  # [B, W - 1, C]
     keys = [torch.cat([_read(prior, kv.dtype, flags.packed), kv[:, None]], dim=1)]
     valid = [torch.cat([prior_ok, prior_ok.new_ones(B, 1)], dim=1)]
     if ratio:
@@ -235,50 +235,46 @@ def _attention(attn, x: torch.Tensor, step: _Step) -> torch.Tensor:
 
 
 def _compress(comp: Compressor, x, step: _Step, state: str, finish) -> torch.Tensor:
-    """Each token's window pooled as if it closed here -> [B, dim] (`finish` applied; with a
-    one-window ring, only the tokens in `EntryRows.closing`, the other rows zero); the
-    token's compressor rows go into the state rings."""
+    """The windows that close at this token pooled -> [B, dim] (`finish` applied), computed
+    only for the requests in `EntryRows.closing`, the other rows zero (a window closes once
+    in `ratio` steps: pooling every request's window on every step cost 0.25-0.45 ms of a
+    32-request step of the benchmark config on a 2-core EPYC for HCA, and ~1 ms for CSA's
+    two compressors a layer: median step 8.2 -> 7.0 ms); every token's compressor rows go
+    into the state rings."""
     ratio = comp.ratio
     kv, score = comp.project(x[0], step.positions)  # [B, (1 + overlap) * dim]
     ring_kv, ring_score = step.pools[f"{state}_kv"], step.pools[f"{state}_score"]
     size = ring_kv.shape[1]
-    pick = None
+    pick = step.rows.closing
+    slots, positions = step.slots[pick], step.positions[pick]
     if size == ratio:
         # a ring of one window (HCA): once the token's rows are in, a closing token's window
         # is the whole ring in order (row r holds offset r), read as one block per request
-        # with no per-row index. Only the requests whose window closes are read and pooled
-        # (`EntryRows.closing`): a window closes once in `ratio` steps, and pooling all 32
-        # requests' windows took 0.25-0.45 ms of a 2-core EPYC's 32-request step.
+        # with no per-row index
         _ring_write(ring_kv, step, kv)
         _ring_write(ring_score, step, score)
-        pick = step.rows.closing
-        slots = step.slots[pick]
         rows_kv, rows_score = ring_kv[slots], ring_score[slots]  # [P, size, C]
         ok = torch.ones_like(rows_kv[..., 0], dtype=torch.bool)
-    else:  # the positions p - size + 1 .. p, oldest first
-        prior_kv, ok = _ring_read(ring_kv, step, size - 1)
-        prior_score, _ = _ring_read(ring_score, step, size - 1)
-        rows_kv = torch.cat([prior_kv, kv[:, None]], dim=1)  # [B, size, C]
-        rows_score = torch.cat([prior_score, score[:, None]], dim=1)
+    else:  # the positions p - size + 1 .. p, oldest first, read before this token's row goes in
+        prior_kv, ok = _ring_read(ring_kv, slots, positions, size - 1)
+        prior_score, _ = _ring_read(ring_score, slots, positions, size - 1)
+        rows_kv = torch.cat([prior_kv, kv[pick, None]], dim=1)  # [P, size, C]
+        rows_score = torch.cat([prior_score, score[pick, None]], dim=1)
         ok = torch.cat([ok, ok.new_ones(ok.shape[0], 1)], dim=1)
         _ring_write(ring_kv, step, kv)
         _ring_write(ring_score, step, score)
-    pooled = comp.pool_rows(rows_kv, rows_score, ok)  # [B or P, dim]
-    positions = step.positions if pick is None else step.positions[pick]
+    pooled = comp.pool_rows(rows_kv, rows_score, ok)  # [P, dim]
     cos, sin = rope_cos_sin(positions - ratio + 1, step.inv_freq)  # the window's start
     new = finish(apply_rope(pooled, cos, sin))
-    if pick is None:
-        return new
-    # back to one row per request; rows of requests that do not close stay zero, unstored
     return new.new_zeros(len(step.positions), new.shape[-1]).index_put_((pick,), new)
 
 
-def _ring_read(ring, step: _Step, num_rows: int):
-    """Rows of positions p - num_rows .. p - 1 of each token's ring -> [B, num_rows, C], and
+def _ring_read(ring, slots, positions, num_rows: int):
+    """Rows of positions p - num_rows .. p - 1 of each token's ring -> [N, num_rows, C], and
     whether each position exists (>= 0)."""
     size = ring.shape[1]
-    pos = step.positions[:, None] + torch.arange(-num_rows, 0, device=ring.device)
-    rows = step.slots[:, None] * size + pos % size
+    pos = positions[:, None] + torch.arange(-num_rows, 0, device=ring.device)
+    rows = slots[:, None] * size + pos % size
     return ring.view(-1, *ring.shape[2:])[rows], pos >= 0
 
 
