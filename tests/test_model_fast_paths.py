@@ -1,6 +1,6 @@
 """Fast paths against plain definitions: routed experts as grouped matmuls against the loop
 over experts, fused attention over shared keys against explicit softmax math with a sink,
-RoPE as a complex product against the pairwise rotation."""
+RoPE as a complex product against the pairwise rotation, row gathers against indexing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from v4_oracle import tiny_args
 
-from dsv4.model.attention import sparse_attention
+from dsv4.model.attention import gather_rows, sparse_attention
 from dsv4.model.moe import MoE
 from dsv4.model.rope import apply_rope, rope_cos_sin
 
@@ -89,6 +89,19 @@ def test_fused_attention_over_shared_keys_matches_the_definition():
     # bf16 takes the einsum path (softmax in float32); it agrees to bf16's precision
     bf16 = sparse_attention(q.bfloat16(), [(k.bfloat16(), v) for k, v in groups], sink, D**-0.5)
     torch.testing.assert_close(bf16.double(), want, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("index_batch", [1, 3])  # one index for every sequence, or its own
+def test_gather_rows_picks_each_querys_rows_clamped_into_range(index_batch):
+    x = torch.randn(3, 7, 5, dtype=torch.bfloat16)
+    index = torch.randint(-2, 10, (index_batch, 4, 6))  # -1 marks "none"; clamped like any
+    got = gather_rows(x, index)
+    assert got.shape == (3, 4, 6, 5)
+    for b in range(3):
+        for t in range(4):
+            for k in range(6):
+                row = int(index[b % index_batch, t, k].clamp(0, 6))
+                assert torch.equal(got[b, t, k], x[b, row])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
