@@ -30,6 +30,7 @@ from dsv4.engine.runner import ModelRunner
 from dsv4.model.attention import (
     Attention,
     gather_rows,
+    index_scores,
     quantize_indexer,
     quantize_kv_nope,
     sparse_attention,
@@ -198,8 +199,7 @@ class V4ModelRunner(ModelRunner):
         chunk x context: an 8,192-token prompt prefilled 2.6x faster without it."""
         scores = q.new_empty(q.shape[0], keys.shape[1])
         for b in blocks:
-            s = torch.relu_(torch.einsum("nshd,ned->nshe", q[b.token_index], keys[b.seq]))
-            s = torch.einsum("nshe,nsh->nse", s, w[b.token_index])  # [NB, size, E]
+            s = index_scores(q[b.token_index], keys[b.seq], w[b.token_index])  # [NB, size, E]
             scores[b.tokens] = s.flatten(0, 1)[b.slot]
         return scores
 
