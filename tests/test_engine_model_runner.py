@@ -77,6 +77,19 @@ def test_csa_gathered_top_k_and_masked_entries_give_the_same_outputs(checkpoint,
     assert [o.token_ids for o in outs] == [alone[i] for i in picked]
 
 
+def test_indexer_in_the_smallest_chunks_gives_the_same_outputs(checkpoint, monkeypatch):
+    """Over a long context the indexer scores chunks of query blocks and takes the top-k of
+    chunks of rows (INDEX_CHUNK_BYTES); one block and one row a chunk must pick what one
+    chunk of everything does."""
+    from dsv4.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "INDEX_CHUNK_BYTES", 1)
+    path, _, prompts, alone = checkpoint
+    picked = [i for i, p in enumerate(prompts) if len(p) > 200][:2]
+    _, outs = _run(path, [prompts[i] for i in picked], max_num_batched_tokens=256)
+    assert [o.token_ids for o in outs] == [alone[i] for i in picked]
+
+
 @pytest.mark.parametrize("decode_graph", [False, True])
 def test_preemption_under_a_small_cache_gives_the_same_outputs(checkpoint, decode_graph):
     """decode_graph: plain decode steps through engine/decode_graph.py (run eagerly, as the

@@ -91,17 +91,19 @@ def test_fused_attention_over_shared_keys_matches_the_definition():
     torch.testing.assert_close(bf16.double(), want, atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize("index_batch", [1, 3])  # one index for every sequence, or its own
-def test_gather_rows_picks_each_querys_rows_clamped_into_range(index_batch):
+# one index for every sequence, an index per sequence, or an index per block of a sequence
+@pytest.mark.parametrize("index_batch,seq", [(1, None), (3, None), (4, [2, 0, 2, 1])])
+def test_gather_rows_picks_each_querys_rows_clamped_into_range(index_batch, seq):
     x = torch.randn(3, 7, 5, dtype=torch.bfloat16)
     index = torch.randint(-2, 10, (index_batch, 4, 6))  # -1 marks "none"; clamped like any
-    got = gather_rows(x, index)
-    assert got.shape == (3, 4, 6, 5)
-    for b in range(3):
+    got = gather_rows(x, index, None if seq is None else torch.tensor(seq))
+    sequences = seq or range(3)
+    assert got.shape == (len(sequences), 4, 6, 5)
+    for m, b in enumerate(sequences):
         for t in range(4):
             for k in range(6):
-                row = int(index[b % index_batch, t, k].clamp(0, 6))
-                assert torch.equal(got[b, t, k], x[b, row])
+                row = int(index[m % index_batch, t, k].clamp(0, 6))
+                assert torch.equal(got[m, t, k], x[b, row])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

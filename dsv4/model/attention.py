@@ -88,16 +88,21 @@ def _shared_key_attention(q, groups, sink, scale) -> torch.Tensor:
     return out.view(B, T, H, D)
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, N, D], index [B or 1, T, K] (any value; clamp first) -> [B, T, K, D].
+def gather_rows(x: torch.Tensor, index: torch.Tensor,
+                seq: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, N, D], index [M, T, K] (any value; clamp first) -> [M, T, K, D]: row
+    index[m, t, k] of sequence seq[m]. Without seq, M is B (sequence m) or 1 (one index for
+    every sequence).
 
     Whole rows by `index_select` over x's flattened rows: `torch.gather` with the index
     expanded over D looks up an index per element, 8.6x slower in bf16 (3 ms -> 0.35 ms a
     block of 64 queries' top-64 of 2,048 entries on a 2-core CPU), where an 8,192-token
-    prompt spent a third of its prefill."""
+    prompt spent a third of its prefill. With seq, no [M, N, D] copy of x is made either."""
     B, N, D = x.shape
-    rows = index.clamp(0, max(N - 1, 0)) + torch.arange(B, device=x.device)[:, None, None] * N
-    return x.reshape(B * N, D).index_select(0, rows.flatten()).view(B, *index.shape[1:], D)
+    if seq is None:
+        seq = torch.arange(B, device=x.device)
+    rows = index.clamp(0, max(N - 1, 0)) + seq[:, None, None] * N
+    return x.reshape(B * N, D).index_select(0, rows.flatten()).view(*rows.shape, D)
 
 
 def stable_topk(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -112,16 +117,19 @@ def stable_topk(score: torch.Tensor, k: int) -> torch.Tensor:
     return keyed.topk(k, dim=-1).indices
 
 
-def index_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def index_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """The lightning indexer's sum over heads of w * ReLU(q . key): q [B, T, h, d], keys
-    [B, N, d], w [B, T, h] -> [B, T, N]. One head at a time: all heads' products at once are
-    an [B, T, h, N] tensor, h times the memory traffic (2,048 queries over 2,048 entries:
-    37 -> 15 ms on a 2-core CPU)."""
+    [B, N, d], w [B, T, h] -> [B, T, N] (into `out` if given). One head at a time: all heads'
+    products at once are an [B, T, h, N] tensor, h times the memory traffic (2,048 queries
+    over 2,048 entries: 37 -> 15 ms on a 2-core CPU)."""
     keys_t = keys.transpose(1, 2)
-    out = None
     for h in range(q.shape[2]):
-        part = torch.relu_(torch.bmm(q[:, :, h], keys_t)).mul_(w[:, :, h, None])
-        out = part if out is None else out.add_(part)
+        if h == 0:
+            out = torch.bmm(q[:, :, 0], keys_t, out=out)
+            out.relu_().mul_(w[:, :, 0, None])
+        else:
+            out.add_(torch.relu_(torch.bmm(q[:, :, h], keys_t)).mul_(w[:, :, h, None]))
     return out
 
 
