@@ -193,31 +193,30 @@ class V4ModelRunner(ModelRunner):
         write_compressed(self.pools[pool], batch.compressed_slot_mapping[ratio], pooled, fp8=fp8)
 
     @staticmethod
-    def _index_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor,
-                      blocks: list[QueryBlocks]) -> torch.Tensor:
-        """The lightning indexer's score of every entry for every token: sum over heads of
-        w * relu(q . key). q [T, h, d], keys [B, E, d] (each request's), w [T, h] -> [T, E].
-        Block by block, so a prefill block's 64 queries share one read of its request's keys.
-        Gathering the keys per token made a [T, E, d] copy per CSA layer, which grows with
-        chunk x context: an 8,192-token prompt prefilled 2.6x faster without it. Blocks go
-        in chunks whose scores fit INDEX_CHUNK_BYTES a head, so a long context's products
-        stay in the caches (2,048 tokens over 8,192 entries: 173 -> 99 ms on a 2-core CPU)."""
-        scores = q.new_empty(q.shape[0], keys.shape[1])
+    def _index_top(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor,
+                   visible: torch.Tensor, blocks: list[QueryBlocks], k: int) -> torch.Tensor:
+        """The lightning indexer's choice: each token's k visible entries of the highest
+        score sum_h w * relu(q . key), ties to the lower index. q [T, h, d], keys [B, E, d]
+        (each request's), w [T, h], visible [T, E] -> entry indices [T, k].
+
+        Block by block, so a prefill block's 64 queries share one read of its request's keys
+        (gathering the keys per token made a [T, E, d] copy per CSA layer: an 8,192-token
+        prompt prefilled 2.6x faster without it). Blocks go in chunks whose scores take
+        INDEX_CHUNK_BYTES a head, scored, masked and cut to their top-k while in the caches:
+        over a long context the whole [T, E] scores left them (2,048 tokens over 8,192
+        entries on a 2-core CPU: 173 ms to score, 50 more to put the scores in token order,
+        66 for the top-k; in chunks, 99 ms for all three but the reorder, which is gone)."""
+        top = q.new_empty(q.shape[0], k, dtype=torch.long)
         for b in blocks:
-            flat = q.new_empty(len(b.seq), b.size, keys.shape[1])
-            step = max(1, INDEX_CHUNK_BYTES // (flat.element_size() * b.size * keys.shape[1]))
+            step = max(1, INDEX_CHUNK_BYTES // (q.element_size() * b.size * keys.shape[1]))
+            parts = []
             for i in range(0, len(b.seq), step):
                 rows = b.token_index[i:i + step]
-                index_scores(q[rows], keys[b.seq[i:i + step]], w[rows], out=flat[i:i + step])
-            scores[b.tokens] = flat.flatten(0, 1)[b.slot]
-        return scores
-
-    @staticmethod
-    def _top_entries(scores: torch.Tensor, k: int) -> torch.Tensor:
-        """`stable_topk` of [T, E] scores in chunks of rows: its float64 keys of 2,048 tokens
-        over 8,192 entries at once took 66 ms, in cache-sized chunks 25 ms (2-core CPU)."""
-        step = max(1, INDEX_CHUNK_BYTES // (8 * scores.shape[1]))
-        return torch.cat([stable_topk(part, k) for part in scores.split(step)])
+                scores = index_scores(q[rows], keys[b.seq[i:i + step]], w[rows])
+                scores.masked_fill_(~visible[rows], float("-inf"))
+                parts.append(stable_topk(scores.flatten(0, 1), k))
+            top[b.tokens] = torch.cat(parts)[b.slot]
+        return top
 
     def _attention(self, name: str, attn: Attention, x: torch.Tensor, batch: RaggedBatch,
                    blocks: list[QueryBlocks]) -> torch.Tensor:
@@ -247,9 +246,8 @@ class V4ModelRunner(ModelRunner):
                 if entries.shape[1]:
                     ikeys, _ = gather_compressed(self.pools[f"{name}.index_keys"], batch, 4, bs)
                     qi, w = idx.queries(x, qr, cos, sin, m.indexer_fp4)
-                    scores = self._index_scores(qi[0], ikeys.float(), w[0], blocks)  # [T, E]
-                    scores.masked_fill_(~visible, float("-inf"))
-                    top = self._top_entries(scores, min(idx.topk, scores.shape[1]))
+                    top = self._index_top(qi[0], ikeys.float(), w[0], visible, blocks,
+                                          min(idx.topk, entries.shape[1]))  # [T, k]
                     if entries.shape[1] > GATHER_TOPK_FACTOR * idx.topk:
                         # [T, k] entry rows, and whether each is visible (with fewer
                         # visible entries than k, top-k also picks masked ones)
