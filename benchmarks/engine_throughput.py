@@ -140,11 +140,14 @@ def measure(systems: dict, output_len: int, repeats: int) -> list[dict]:
     for key in systems:
         system, num_requests = key
         seconds, prefill = statistics.median(full[key]), statistics.median(first[key])
+        # a few output tokens after a long prompt take less time than the prefill's noise:
+        # no decode rate then (nan), rather than one divided by a difference of ~0
+        decode_s = seconds - prefill
         rows.append({"system": system, "requests": num_requests,
                      "output_tokens": tokens[key], "seconds": seconds,
                      "output_tok_s": tokens[key] / seconds, "prefill_seconds": prefill,
-                     "decode_tok_s": (tokens[key] - num_requests) / max(seconds - prefill,
-                                                                        1e-9)})
+                     "decode_tok_s": (tokens[key] - num_requests) / decode_s
+                     if decode_s > 0.1 * seconds else float("nan")})
     return rows
 
 
