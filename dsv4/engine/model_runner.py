@@ -50,9 +50,9 @@ BAND_MIN_TOKENS = 16
 # attention over keys shared by a block) until there are more than this many times top-k;
 # then each query gathers its own top-k entries, so the work stops growing with the context.
 GATHER_TOPK_FACTOR = 4
-# the indexer's temporaries per chunk of queries (one head's scores, the top-k's keys): kept
-# cache-sized, a long context's [tokens, entries] tensors at once left the caches
-INDEX_CHUNK_BYTES = 2 << 20
+# the indexer's products of a chunk of query blocks (every head's q . key): kept cache-sized,
+# a long context's [tokens, heads, entries] products at once left the caches
+INDEX_CHUNK_BYTES = 8 << 20
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
                 "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
@@ -201,14 +201,15 @@ class V4ModelRunner(ModelRunner):
 
         Block by block, so a prefill block's 64 queries share one read of its request's keys
         (gathering the keys per token made a [T, E, d] copy per CSA layer: an 8,192-token
-        prompt prefilled 2.6x faster without it). Blocks go in chunks whose scores take
-        INDEX_CHUNK_BYTES a head, scored, masked and cut to their top-k while in the caches:
-        over a long context the whole [T, E] scores left them (2,048 tokens over 8,192
-        entries on a 2-core CPU: 173 ms to score, 50 to put the scores in token order, 66 for
-        the top-k; in chunks 99 ms to score, 25 for the top-k, and only [T, k] reordered)."""
+        prompt prefilled 2.6x faster without it). Blocks go in chunks whose products take
+        INDEX_CHUNK_BYTES, scored, masked and cut to their top-k while in the caches: over a
+        long context the whole [T, E] scores left them (2,048 tokens over 8,192 entries on a
+        2-core CPU: 173 ms to score, 50 to put the scores in token order, 66 for the top-k;
+        in chunks about 100 ms to score, 25 for the top-k, and only [T, k] reordered)."""
         top = q.new_empty(q.shape[0], k, dtype=torch.long)
         for b in blocks:
-            step = max(1, INDEX_CHUNK_BYTES // (q.element_size() * b.size * keys.shape[1]))
+            block_bytes = q.element_size() * b.size * q.shape[1] * keys.shape[1]  # [size, h, E]
+            step = max(1, INDEX_CHUNK_BYTES // block_bytes)
             parts = []
             for i in range(0, len(b.seq), step):
                 rows = b.token_index[i:i + step]
