@@ -569,6 +569,7 @@ def test_oversized_bodies_and_prompts_are_refused_before_they_are_read(small_ser
 
 
 def test_full_queue_429_and_disconnect_aborts(small_server):
+    # 900 tokens: no running stream can finish, freeing a place, before the fourth arrives
     body = {"model": MODEL, "max_tokens": 900, "ignore_eos": True, "stream": True,
             "messages": [{"role": "user", "content": "hi"}],
             "thinking": {"type": "disabled"}}
