@@ -209,11 +209,11 @@ class V4ModelRunner(ModelRunner):
         top = q.new_empty(q.shape[0], k, dtype=torch.long)
         for b in blocks:
             block_bytes = q.element_size() * b.size * q.shape[1] * keys.shape[1]  # [size, h, E]
-            step = max(1, INDEX_CHUNK_BYTES // block_bytes)
+            per_chunk = max(1, INDEX_CHUNK_BYTES // block_bytes)
             parts = []
-            for i in range(0, len(b.seq), step):
-                rows = b.token_index[i:i + step]
-                scores = index_scores(q[rows], keys[b.seq[i:i + step]], w[rows])
+            for i in range(0, len(b.seq), per_chunk):
+                rows = b.token_index[i:i + per_chunk]
+                scores = index_scores(q[rows], keys[b.seq[i:i + per_chunk]], w[rows])
                 scores.masked_fill_(~visible[rows], float("-inf"))
                 parts.append(stable_topk(scores.flatten(0, 1), k))
             top[b.tokens] = torch.cat(parts)[b.slot]
