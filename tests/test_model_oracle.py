@@ -68,6 +68,35 @@ def test_generate_matches_transformers_greedy(tmp_path):
     assert torch.equal(ours, ref)
 
 
+def test_fused_projections_keep_the_logits_and_the_weights(tmp_path):
+    """The engine's inference layout (`Block.fuse_projections`: products sharing an input as
+    one, the routed experts stacked) changes no weight and no logit beyond rounding, and
+    allocates nothing: every fused Linear views the fused tensor."""
+    args, hf, path = _write(tmp_path, "fused")
+    model = dsv4.load_model(path, device="cpu", dtype=torch.float32,
+                            kv_cache_dtype="auto", indexer_cache_dtype="auto")
+    ids = _prompt(args, batch=2)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = model.score(ids)
+    for layer in [*model.layers, *model.mtp]:
+        layer.fuse_projections()
+    state = model.state_dict()
+    assert state.keys() == weights.keys()
+    assert all(torch.equal(state[k], weights[k]) for k in weights)
+    attn, ffn = model.layers[1].attn, model.layers[1].ffn  # a CSA layer: every fusion
+    assert attn.wkv.weight.data_ptr() == attn._wq_a_kv[args.q_lora_rank:].data_ptr()
+    comp = attn.indexer.compressor
+    assert comp.wgate.weight.data_ptr() == comp._kv_gate[comp.wkv.weight.shape[0]:].data_ptr()
+    assert ffn.shared_experts.w3.weight.data_ptr() == \
+        ffn.shared_experts._w13[args.moe_intermediate_size:].data_ptr()
+    assert ffn.experts[2].w3.weight.data_ptr() == \
+        ffn._w13[2, :, args.moe_intermediate_size:].data_ptr()
+    fused = model.score(ids)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        _assert_close(fused, hf(ids).logits.float())
+
+
 def test_quantised_checkpoint_matches_oracle_with_dequantised_weights(tmp_path):
     """FP8 linears + FP4 experts on disk; the oracle gets the same dequantised weights."""
     args, hf, path = _write(tmp_path, "fp8", quantize="fp8", num_shards=2)

@@ -63,7 +63,7 @@ class V4ModelRunner(ModelRunner):
                  compile: bool = False):
         self.model = model
         for layer in [*model.layers, *model.mtp]:
-            layer.ffn.stack_experts()  # routed experts as grouped matmuls
+            layer.fuse_projections()  # products that share an input as one; experts stacked
         self.layout = layout
         self.num_speculative_tokens = layout.spec.num_mtp_layers  # one draft per MTP layer
         if self.num_speculative_tokens:

@@ -16,6 +16,7 @@ from torch import nn
 from dsv4.model.cache import LayerCache
 from dsv4.model.compressor import Compressor
 from dsv4.model.config import ModelArgs
+from dsv4.model.fusion import fuse_linears
 from dsv4.model.norm import RMSNorm, rms_normalize
 from dsv4.model.rope import apply_rope, rope_cos_sin
 from dsv4.quant.act import fp4_roundtrip, fp8_roundtrip, hadamard_rotate
@@ -199,6 +200,16 @@ class Attention(nn.Module):
             self.compressor = Compressor(args.hidden_size, hd, ratio, args.rms_norm_eps)
         if ratio == 4:
             self.indexer = Indexer(args)
+        self.register_buffer("_wq_a_kv", None, persistent=False)  # see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """For inference: the products that read the attention input x as one
+        (`fuse_linears`): wq_a with wkv, and each compressor's wkv with its wgate."""
+        self._wq_a_kv = fuse_linears(self.wq_a, self.wkv)
+        if self.ratio:
+            self.compressor.fuse_projections()
+        if self.ratio == 4:
+            self.indexer.compressor.fuse_projections()
 
     def forward(
         self,
@@ -269,10 +280,14 @@ class Attention(nn.Module):
         queries [B, T, H, hd], normalised per head and rotated; the KV vectors [B, T, hd],
         rotated)."""
         B, T, _ = x.shape
-        qr = self.q_norm(self.wq_a(x))
+        if self._wq_a_kv is not None:
+            qr, kv = F.linear(x, self._wq_a_kv).split([self.args.q_lora_rank, self.head_dim], -1)
+        else:
+            qr, kv = self.wq_a(x), self.wkv(x)
+        qr = self.q_norm(qr)
         q = rms_normalize(self.wq_b(qr).view(B, T, self.n_heads, self.head_dim), self.eps)
         q = apply_rope(q.to(x.dtype), cos[:, None], sin[:, None])
-        return qr, q, apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        return qr, q, apply_rope(self.kv_norm(kv), cos, sin)
 
     def output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Attention outputs o [..., T, H, hd] of queries rotated by cos/sin [T, rd/2] ->

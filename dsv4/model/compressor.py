@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dsv4.model.cache import CompressorState
+from dsv4.model.fusion import fuse_linears
 from dsv4.model.norm import RMSNorm
 from dsv4.model.rope import apply_rope, rope_cos_sin
 
@@ -27,13 +28,21 @@ class Compressor(nn.Module):
         self.wgate = nn.Linear(dim, width, bias=False)
         self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
         self.norm = RMSNorm(head_dim, eps)
+        self.register_buffer("_kv_gate", None, persistent=False)  # see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """For inference: wkv and wgate as one product (`fuse_linears`)."""
+        self._kv_gate = fuse_linears(self.wkv, self.wgate)
 
     def project(self, x: torch.Tensor, positions: torch.Tensor):
         """x [..., T, D] at positions [T] -> (kv, score) [..., T, (1 + overlap) * head_dim],
         float32: each token's rows of the windows it falls in."""
         xf = x.float()
-        score = xf @ self.wgate.weight.float().T + self.ape.float()[positions % self.ratio]
-        return xf @ self.wkv.weight.float().T, score
+        if self._kv_gate is not None:
+            kv, score = (xf @ self._kv_gate.float().T).chunk(2, dim=-1)
+        else:
+            kv, score = xf @ self.wkv.weight.float().T, xf @ self.wgate.weight.float().T
+        return kv, score + self.ape.float()[positions % self.ratio]
 
     def pool_rows(self, kv: torch.Tensor, score: torch.Tensor, valid: torch.Tensor):
         """Entries from the rows of the windows they close, oldest row first: kv and score

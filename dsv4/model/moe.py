@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.model.config import ModelArgs
+from dsv4.model.fusion import fuse_linears
 
 # A compiled step of up to this many tokens runs the routed experts as fused loops over each
 # token's own experts (`MoE._gathered`) rather than products over every expert: a decode step
@@ -31,9 +32,17 @@ class Expert(nn.Module):
         self.w2 = nn.Linear(inter_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, inter_dim, bias=False)
         self.limit = swiglu_limit  # None: no clamp (the reference's shared expert)
+        self.register_buffer("_w13", None, persistent=False)  # see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """For inference: w1 and w3 as one product (`fuse_linears`)."""
+        self._w13 = fuse_linears(self.w1, self.w3)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        gate, up = self.w1(x), self.w3(x)
+        if self._w13 is not None:
+            gate, up = F.linear(x, self._w13).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
         if self.limit is not None:
             gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
         h = F.silu(gate) * up
@@ -79,24 +88,35 @@ class MoE(nn.Module):
         self.shared_experts = Expert(dim, inter * args.n_shared_experts, None)
         self._stacked = False  # see stack_experts
 
+    def fuse_projections(self) -> None:
+        """For inference: the shared expert's w1 and w3 as one product, and the routed experts
+        stacked (`stack_experts`)."""
+        self.shared_experts.fuse_projections()
+        self.stack_experts()
+
     def stack_experts(self) -> None:
         """For inference: gather the routed experts' weights into one [E, ...] tensor per
-        matrix, which the experts' Linears then view (no extra memory). Without gradients
-        the experts then run as three grouped matmuls over the tokens sorted by expert,
-        instead of a loop over experts. The parameters share storage afterwards, which
-        safetensors refuses to save: the engine calls this, checkpoint code does not.
+        product, w1 and w3 side by side, which the experts' Linears then view (no extra
+        memory). Without gradients the experts then run as two grouped matmuls over the
+        tokens sorted by expert, instead of a loop over experts. The parameters share storage
+        afterwards, which safetensors refuses to save: the engine calls this, checkpoint code
+        does not.
 
         CPU only: that is where it was measured and tested. On CUDA torch's grouped matmul
         wants bf16 on recent GPUs, unverified here, so the loop stays, as it does with a
         torch that has no `F.grouped_mm`."""
         if not hasattr(F, "grouped_mm") or not self.experts[0].w1.weight.is_cpu:
             return
-        for name in ("w1", "w2", "w3"):
-            stacked = torch.stack([getattr(e, name).weight.detach() for e in self.experts])
-            for e, weight in zip(self.experts, stacked):
-                getattr(e, name).weight = nn.Parameter(weight, requires_grad=False)
-            # [E, in, out]; a buffer, so that .to() moves it with the parameters
-            self.register_buffer(f"_{name}", stacked.transpose(1, 2), persistent=False)
+        w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]).detach() for e in self.experts])
+        w2 = torch.stack([e.w2.weight.detach() for e in self.experts])
+        inter = w2.shape[2]
+        for e, gate_up, down in zip(self.experts, w13, w2):
+            e.w1.weight = nn.Parameter(gate_up[:inter], requires_grad=False)
+            e.w3.weight = nn.Parameter(gate_up[inter:], requires_grad=False)
+            e.w2.weight = nn.Parameter(down, requires_grad=False)
+        # [E, in, out]; buffers, so that .to() moves them with the parameters
+        self.register_buffer("_w13", w13.transpose(1, 2), persistent=False)
+        self.register_buffer("_w2", w2.transpose(1, 2), persistent=False)
         self._stacked = True
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -111,7 +131,7 @@ class MoE(nn.Module):
                 len(self.experts) <= PADDED_MAX_EXPERTS_PER_SLOT * self.gate.topk:
             routed = self._padded(x, weights, indices)
         else:
-            routed = grouped_experts(x, weights, indices, self._w1, self._w2, self._w3,
+            routed = grouped_experts(x, weights, indices, self._w13, self._w2,
                                      self.experts[0].limit)
         return (routed + self.shared_experts(x)).view(shape)
 
@@ -131,9 +151,8 @@ class MoE(nn.Module):
         into one loop per matrix that indexes the stacked weights, so no weights are copied
         (eagerly they would be). Each token reads its experts' weights again, so past
         `GATHERED_MAX_TOKENS` the grouped matmuls, which read each expert once, win."""
-        w1, w2, w3 = (w.transpose(1, 2)[indices] for w in (self._w1, self._w2, self._w3))
-        gate = (x[:, None, None, :] * w1).sum(-1)  # [T, k, inter]
-        up = (x[:, None, None, :] * w3).sum(-1)
+        w13, w2 = (w.transpose(1, 2)[indices] for w in (self._w13, self._w2))
+        gate, up = (x[:, None, None, :] * w13).sum(-1).chunk(2, dim=-1)  # [T, k, inter] each
         limit = self.experts[0].limit
         if limit is not None:
             gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
@@ -155,25 +174,24 @@ class MoE(nn.Module):
                        .index_put_((expert, rank), t)
                        for t in (x.repeat_interleave(k, 0),
                                  weights.flatten()[:, None].to(x.dtype)))
-        out = padded_experts(rows, scale, chose.sum(0), self._w1, self._w2, self._w3,
+        out = padded_experts(rows, scale, chose.sum(0), self._w13, self._w2,
                              self.experts[0].limit)
         return out[expert, rank].view(tokens, k, -1).sum(1)  # [T, dim]
 
 
 @torch.library.custom_op("dsv4::grouped_experts", mutates_args=())
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                    w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                    limit: float | None) -> torch.Tensor:
-    """Routed experts over x [N, dim] as matmuls over the tokens sorted by expert; w1, w3
-    [E, dim, inter] and w2 [E, inter, dim] stacked (`MoE.stack_experts`). The same sums as
-    `MoE._looped`, each token's experts added in expert order (bitwise through grouped_mm,
-    to rounding through the batched product). A custom op, so that a compiled graph calls it
-    as it is: the group sizes are data, which `torch.compile` cannot trace through, and
-    grouped_mm's tracing rule wants bf16."""
+                    w13: torch.Tensor, w2: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """Routed experts over x [N, dim] as matmuls over the tokens sorted by expert; w13
+    [E, dim, 2 inter] (w1 then w3) and w2 [E, inter, dim] stacked (`MoE.stack_experts`).
+    The same sums as `MoE._looped`, each token's experts added in expert order (bitwise
+    through grouped_mm, to rounding through the batched product). A custom op, so that a
+    compiled graph calls it as it is: the group sizes are data, which `torch.compile` cannot
+    trace through, and grouped_mm's tracing rule wants bf16."""
     flat = indices.flatten()
     order = flat.argsort(stable=True)  # (token, slot) pairs by expert
     token = order // indices.shape[1]
-    counts = torch.bincount(flat, minlength=len(w1))
+    counts = torch.bincount(flat, minlength=len(w2))
     rows, scale = x[token], weights.flatten()[order, None].to(x.dtype)
     width = int(counts.max())
     padded = width <= SMALL_GROUP and bool(counts.min() > 0)
@@ -185,7 +203,7 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
         # with idle experts it would read their weights too
         expert = flat[order]
         slot = torch.arange(len(flat), device=x.device) - (counts.cumsum(0) - counts)[expert]
-        rows, scale = (t.new_zeros(len(w1), width, t.shape[1]).index_put_((expert, slot), t)
+        rows, scale = (t.new_zeros(len(w2), width, t.shape[1]).index_put_((expert, slot), t)
                        for t in (rows, scale))
         matmul = torch.bmm
     else:
@@ -193,7 +211,7 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
 
         def matmul(a, w):
             return F.grouped_mm(a, w, offs=ends)
-    out = _swiglu(rows, scale, w1, w2, w3, limit, matmul)
+    out = _swiglu(rows, scale, w13, w2, limit, matmul)
     if padded:
         out = out[expert, slot]
     return torch.zeros_like(x).index_add_(0, token, out)
@@ -202,10 +220,10 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
 SMALL_GROUP = 64  # rows per expert up to which one batched product beats grouped_mm
 
 
-def _swiglu(rows, scale, w1, w2, w3, limit: float | None, matmul) -> torch.Tensor:
+def _swiglu(rows, scale, w13, w2, limit: float | None, matmul) -> torch.Tensor:
     """The experts' SwiGLU over their rows, each row times its routing weight before w2; the
     activations in place (four fewer tensors of [rows, inter])."""
-    gate, up = matmul(rows, w1), matmul(rows, w3)
+    gate, up = matmul(rows, w13).chunk(2, dim=-1)
     if limit is not None:
         gate.clamp_(max=limit), up.clamp_(-limit, limit)
     return matmul(F.silu(gate, inplace=True).mul_(up).mul_(scale), w2)
@@ -213,8 +231,7 @@ def _swiglu(rows, scale, w1, w2, w3, limit: float | None, matmul) -> torch.Tenso
 
 @torch.library.custom_op("dsv4::padded_experts", mutates_args=())
 def padded_experts(rows: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor,
-                   w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                   limit: float | None) -> torch.Tensor:
+                   w13: torch.Tensor, w2: torch.Tensor, limit: float | None) -> torch.Tensor:
     """Routed experts over rows laid out [E, C, dim] (`MoE._padded`): expert e's counts[e]
     rows first, zeros after; scale [E, C, 1] their routing weights. One batched product per
     matrix over the first max(counts) rows of every expert: that width is data, which a
@@ -222,15 +239,15 @@ def padded_experts(rows: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor
     left unset, as nothing reads them."""
     width = int(counts.max())
     out = torch.empty_like(rows)
-    out[:, :width] = _swiglu(rows[:, :width], scale[:, :width], w1, w2, w3, limit, torch.bmm)
+    out[:, :width] = _swiglu(rows[:, :width], scale[:, :width], w13, w2, limit, torch.bmm)
     return out
 
 
 @padded_experts.register_fake
-def _(rows, scale, counts, w1, w2, w3, limit):
+def _(rows, scale, counts, w13, w2, limit):
     return torch.empty_like(rows)
 
 
 @grouped_experts.register_fake
-def _(x, weights, indices, w1, w2, w3, limit):
+def _(x, weights, indices, w13, w2, limit):
     return torch.empty_like(x)

@@ -50,6 +50,12 @@ class Block(nn.Module):
         _hc_params(self, "hc_attn", args, mixes)
         _hc_params(self, "hc_ffn", args, mixes)
 
+    def fuse_projections(self) -> None:
+        """For inference: each group of products that read the same input as one product, the
+        routed experts stacked (see the sub-blocks' `fuse_projections`)."""
+        self.attn.fuse_projections()
+        self.ffn.fuse_projections()
+
     def _pre(self, x, which):
         return hc_pre(x, *self.hc_args(which))
 
