@@ -170,11 +170,12 @@ class Indexer(nn.Module):
         visible = (positions + 1) // 4  # entries a query may see
         num_keys = keys.shape[1]
         k = min(self.topk, num_keys)
+        keys_f32, entry = keys.float(), torch.arange(num_keys, device=x.device)
         chunks = []
         for s in range(0, T, QUERY_CHUNK):
             e = min(s + QUERY_CHUNK, T)
-            score = index_scores(q[:, s:e], keys.float(), w[:, s:e])  # [B, t, N]
-            future = torch.arange(num_keys, device=x.device) >= visible[s:e, None]
+            score = index_scores(q[:, s:e], keys_f32, w[:, s:e])  # [B, t, N]
+            future = entry >= visible[s:e, None]
             score = score.masked_fill(future, float("-inf"))
             top = stable_topk(score, k)
             chunks.append(torch.where(top >= visible[s:e, None], -1, top))
