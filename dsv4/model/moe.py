@@ -9,6 +9,7 @@ from torch import nn
 
 from dsv4.model.config import ModelArgs
 from dsv4.model.fusion import fuse_linears
+from dsv4.platforms import cpu_experts
 
 # A compiled step of up to this many tokens runs the routed experts as fused loops over each
 # token's own experts (`MoE._gathered`) rather than products over every expert: a decode step
@@ -117,6 +118,13 @@ class MoE(nn.Module):
         # [E, in, out]; buffers, so that .to() moves them with the parameters
         self.register_buffer("_w13", w13.transpose(1, 2), persistent=False)
         self.register_buffer("_w2", w2.transpose(1, 2), persistent=False)
+        # bf16 on a CPU with AVX-512 BF16: a copy of each in the layout of our kernel, which
+        # runs the padded and sorted products (the routed experts' memory twice over; the
+        # few-token steps read the stacks above in place)
+        packable = cpu_experts.can_pack(w13) and cpu_experts.can_pack(w2)
+        for name, w in (("_w13_packed", w13), ("_w2_packed", w2)):
+            self.register_buffer(name, cpu_experts.pack(w) if packable else None,
+                                 persistent=False)
         self._stacked = True
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -132,7 +140,7 @@ class MoE(nn.Module):
             routed = self._padded(x, weights, indices)
         else:
             routed = grouped_experts(x, weights, indices, self._w13, self._w2,
-                                     self.experts[0].limit)
+                                     self.experts[0].limit, self._w13_packed, self._w2_packed)
         return (routed + self.shared_experts(x)).view(shape)
 
     def _looped(self, x, weights, indices) -> torch.Tensor:
@@ -175,17 +183,23 @@ class MoE(nn.Module):
                        for t in (x.repeat_interleave(k, 0),
                                  weights.flatten()[:, None].to(x.dtype)))
         out = padded_experts(rows, scale, chose.sum(0), self._w13, self._w2,
-                             self.experts[0].limit)
+                             self.experts[0].limit, self._w13_packed, self._w2_packed)
         return out[expert, rank].view(tokens, k, -1).sum(1)  # [T, dim]
 
 
+# The custom ops' arguments have no defaults: inductor's cache keys a compiled graph by its
+# calls as traced, which leave out arguments at their defaults, so a graph compiled before an
+# argument was added would be reused and call the op without it (a crash).
 @torch.library.custom_op("dsv4::grouped_experts", mutates_args=())
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                    w13: torch.Tensor, w2: torch.Tensor, limit: float | None) -> torch.Tensor:
+                    w13: torch.Tensor, w2: torch.Tensor, limit: float | None,
+                    w13_packed: torch.Tensor | None, w2_packed: torch.Tensor | None
+                    ) -> torch.Tensor:
     """Routed experts over x [N, dim] as matmuls over the tokens sorted by expert; w13
-    [E, dim, 2 inter] (w1 then w3) and w2 [E, inter, dim] stacked (`MoE.stack_experts`).
-    The same sums as `MoE._looped`, each token's experts added in expert order (bitwise
-    through grouped_mm, to rounding through the batched product). A custom op, so that a
+    [E, dim, 2 inter] (w1 then w3) and w2 [E, inter, dim] stacked (`MoE.stack_experts`),
+    or their packed copies through `cpu_experts` where given. The same sums as
+    `MoE._looped`, each token's experts added in expert order (bitwise through grouped_mm
+    and the kernel, to rounding through the batched product). A custom op, so that a
     compiled graph calls it as it is: the group sizes are data, which `torch.compile` cannot
     trace through, and grouped_mm's tracing rule wants bf16."""
     flat = indices.flatten()
@@ -193,6 +207,9 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     token = order // indices.shape[1]
     counts = torch.bincount(flat, minlength=len(w2))
     rows, scale = x[token], weights.flatten()[order, None].to(x.dtype)
+    if w13_packed is not None and cpu_experts.enabled:  # each expert's own rows, in order
+        out = _swiglu(rows, scale, w13_packed, w2_packed, limit, _kernel_matmul(counts))
+        return torch.zeros_like(x).index_add_(0, token, out)
     width = int(counts.max())
     padded = width <= SMALL_GROUP and bool(counts.min() > 0)
     if padded:
@@ -231,23 +248,36 @@ def _swiglu(rows, scale, w13, w2, limit: float | None, matmul) -> torch.Tensor:
 
 @torch.library.custom_op("dsv4::padded_experts", mutates_args=())
 def padded_experts(rows: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor,
-                   w13: torch.Tensor, w2: torch.Tensor, limit: float | None) -> torch.Tensor:
+                   w13: torch.Tensor, w2: torch.Tensor, limit: float | None,
+                   w13_packed: torch.Tensor | None, w2_packed: torch.Tensor | None
+                   ) -> torch.Tensor:
     """Routed experts over rows laid out [E, C, dim] (`MoE._padded`): expert e's counts[e]
-    rows first, zeros after; scale [E, C, 1] their routing weights. One batched product per
-    matrix over the first max(counts) rows of every expert: that width is data, which a
-    compiled graph cannot trace. -> [E, C, dim]; rows past the busiest expert's count are
-    left unset, as nothing reads them."""
+    rows first, zeros after; scale [E, C, 1] their routing weights. With packed weights,
+    each expert's own rows through `cpu_experts`; else one batched product per matrix over
+    the first max(counts) rows of every expert. That width is data, which a compiled graph
+    cannot trace. -> [E, C, dim]; rows past each expert's count (past the busiest's with the
+    batched product) are left unset, as nothing reads them."""
     width = int(counts.max())
     out = torch.empty_like(rows)
-    out[:, :width] = _swiglu(rows[:, :width], scale[:, :width], w13, w2, limit, torch.bmm)
+    if w13_packed is not None and cpu_experts.enabled:
+        w13, w2, matmul = w13_packed, w2_packed, _kernel_matmul(counts)
+    else:
+        matmul = torch.bmm
+    out[:, :width] = _swiglu(rows[:, :width], scale[:, :width], w13, w2, limit, matmul)
     return out
 
 
+def _kernel_matmul(counts: torch.Tensor):
+    def matmul(rows, packed):
+        return cpu_experts.experts_matmul(rows, counts, packed)
+    return matmul
+
+
 @padded_experts.register_fake
-def _(rows, scale, counts, w13, w2, limit):
+def _(rows, scale, counts, w13, w2, limit, w13_packed, w2_packed):
     return torch.empty_like(rows)
 
 
 @grouped_experts.register_fake
-def _(x, weights, indices, w13, w2, limit):
+def _(x, weights, indices, w13, w2, limit, w13_packed, w2_packed):
     return torch.empty_like(x)

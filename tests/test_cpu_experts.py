@@ -1,0 +1,111 @@
+"""The CPU experts kernel (dsv4/platforms/cpu_experts.cpp) against exact products, and the MoE
+through it against the MoE through torch's products. Skipped where the CPU has no AVX-512
+BF16 (the kernel is then never used); the build's failure path runs everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from v4_oracle import tiny_args
+
+from dsv4.model.moe import MoE
+from dsv4.platforms import cpu_experts
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_experts.can_pack(torch.zeros(1, 64, 2, dtype=torch.bfloat16)),
+    reason="this CPU has no AVX-512 BF16 (or no C++ compiler): the kernel is not used here")
+
+
+def _exact(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """bf16 rows times bf16 weights [N, K] in float64: the sums the kernel rounds once."""
+    return x.double() @ w.double().T
+
+
+def _assert_within_one_rounding(got: torch.Tensor, exact: torch.Tensor) -> None:
+    # half a bf16 step, plus room for the float32 sum's own error (~1e-5 here)
+    step = exact.abs() * 2.0**-8 + 1e-3
+    assert got.dtype == torch.bfloat16
+    assert torch.all((got.double() - exact).abs() <= step), (got.double() - exact).abs().max()
+
+
+@needs_kernel
+def test_padded_layout_runs_each_experts_own_rows_and_leaves_the_rest():
+    g = torch.Generator().manual_seed(0)
+    E, C, K, N = 5, 16, 256, 192
+    w = torch.randn(E, N, K, generator=g).bfloat16()
+    x = torch.randn(E, C, 2 * K, generator=g).bfloat16()[..., :K]  # rows strided by 2K
+    counts = torch.tensor([0, 1, 6, 13, 16])  # none, a remainder tile, whole tiles, both
+    out = cpu_experts.experts_matmul(x, counts, cpu_experts.pack(w))
+    assert out.shape == (E, C, N)
+    for e, n in enumerate(counts.tolist()):
+        _assert_within_one_rounding(out[e, :n], _exact(x[e, :n], w[e]))
+
+
+@needs_kernel
+def test_sorted_layout_takes_consecutive_rows_per_expert():
+    g = torch.Generator().manual_seed(1)
+    E, K, N = 4, 64, 128
+    w = torch.randn(E, N, K, generator=g).bfloat16()
+    counts = torch.tensor([7, 0, 300, 2])
+    x = torch.randn(int(counts.sum()), K, generator=g).bfloat16()
+    out = cpu_experts.experts_matmul(x, counts, cpu_experts.pack(w))
+    first = 0
+    for e, n in enumerate(counts.tolist()):
+        _assert_within_one_rounding(out[first:first + n], _exact(x[first:first + n], w[e]))
+        first += n
+
+
+@needs_kernel
+def test_rows_of_the_wrong_dtype_or_width_are_refused_by_name():
+    packed = cpu_experts.pack(torch.zeros(2, 64, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="bf16 rows of 32 contiguous values"):
+        cpu_experts.experts_matmul(torch.zeros(2, 4, 32), torch.tensor([1, 1]), packed)
+    with pytest.raises(ValueError, match="bf16 rows of 32"):
+        cpu_experts.experts_matmul(torch.zeros(2, 4, 16, dtype=torch.bfloat16),
+                                   torch.tensor([1, 1]), packed)
+
+
+def _bf16_moe(seed: int) -> MoE:
+    torch.manual_seed(seed)
+    args = tiny_args(n_routed_experts=8, num_experts_per_tok=2, hidden_size=128,
+                     moe_intermediate_size=64)
+    moe = MoE(args, hashed=False)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.1)
+    moe.bfloat16()
+    moe.stack_experts()
+    return moe
+
+
+@needs_kernel
+@pytest.mark.parametrize("compiling,tokens", [(False, 3), (False, 200), (True, 37)])
+def test_moe_through_the_kernel_matches_torchs_products(monkeypatch, compiling, tokens):
+    """Sorted rows (eager: `grouped_experts`) and padded rows (the branch a compiled graph of
+    many tokens takes: `padded_experts`), with the kernel and without."""
+    moe = _bf16_moe(seed=tokens)
+    assert moe._w13_packed is not None and moe._w2_packed is not None
+    if compiling:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x, ids = torch.randn(1, tokens, 128).bfloat16(), torch.randint(0, 100, (1, tokens))
+    with torch.no_grad():
+        kernel = moe(x, ids)
+        monkeypatch.setattr(cpu_experts, "enabled", False)
+        torchs = moe(x, ids)
+    # the same sums rounded at the same points; equal bits on CPUs where oneDNN also adds
+    # pairs of products in order, to bf16's rounding elsewhere
+    torch.testing.assert_close(kernel, torchs, atol=2e-2, rtol=2e-2)
+
+
+def test_a_failed_build_warns_and_leaves_torchs_products(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DSV4_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    cpu_experts._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not build the CPU experts kernel"):
+            assert not cpu_experts.can_pack(torch.zeros(2, 64, 32, dtype=torch.bfloat16))
+        moe = _bf16_moe(seed=0)
+        assert moe._w13_packed is None  # the MoE runs torch's products
+    finally:
+        cpu_experts._library.cache_clear()  # later tests build (or find) the real kernel
