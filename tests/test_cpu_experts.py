@@ -56,6 +56,25 @@ def test_sorted_layout_takes_consecutive_rows_per_expert():
 
 
 @needs_kernel
+@pytest.mark.parametrize("limit", [None, 0.7])  # 0.7: clamps many of the gate and up values
+def test_fused_swiglu_matches_torchs_ops_on_the_products(limit):
+    g = torch.Generator().manual_seed(2)
+    E, C, K, inter = 3, 9, 128, 96
+    w13 = (torch.randn(E, 2 * inter, K, generator=g) * 0.2).bfloat16()  # w1's rows, then w3's
+    x = torch.randn(E, C, K, generator=g).bfloat16()
+    scale = torch.rand(E, C, 1, generator=g).bfloat16()
+    counts = torch.tensor([9, 0, 4])
+    h = cpu_experts.experts_swiglu(x, counts, cpu_experts.pack_gate_up(w13), scale, limit)
+    assert h.shape == (E, C, inter)
+    gate, up = torch.bmm(x, w13.transpose(1, 2)).chunk(2, dim=-1)
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    want = torch.nn.functional.silu(gate) * up * scale
+    for e, n in enumerate(counts.tolist()):
+        torch.testing.assert_close(h[e, :n], want[e, :n], atol=1e-2, rtol=1e-2)
+
+
+@needs_kernel
 def test_rows_of_the_wrong_dtype_or_width_are_refused_by_name():
     packed = cpu_experts.pack(torch.zeros(2, 64, 32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="bf16 rows of 32 contiguous values"):

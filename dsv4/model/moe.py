@@ -122,9 +122,10 @@ class MoE(nn.Module):
         # runs the padded and sorted products (the routed experts' memory twice over; the
         # few-token steps read the stacks above in place)
         packable = cpu_experts.can_pack(w13) and cpu_experts.can_pack(w2)
-        for name, w in (("_w13_packed", w13), ("_w2_packed", w2)):
-            self.register_buffer(name, cpu_experts.pack(w) if packable else None,
-                                 persistent=False)
+        self.register_buffer("_w13_packed", cpu_experts.pack_gate_up(w13) if packable else None,
+                             persistent=False)
+        self.register_buffer("_w2_packed", cpu_experts.pack(w2) if packable else None,
+                             persistent=False)
         self._stacked = True
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -208,7 +209,7 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     counts = torch.bincount(flat, minlength=len(w2))
     rows, scale = x[token], weights.flatten()[order, None].to(x.dtype)
     if w13_packed is not None and cpu_experts.enabled:  # each expert's own rows, in order
-        out = _swiglu(rows, scale, w13_packed, w2_packed, limit, _kernel_matmul(counts))
+        out = _kernel_swiglu(rows, scale, counts, w13_packed, w2_packed, limit)
         return torch.zeros_like(x).index_add_(0, token, out)
     width = int(counts.max())
     padded = width <= SMALL_GROUP and bool(counts.min() > 0)
@@ -253,24 +254,24 @@ def padded_experts(rows: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor
                    ) -> torch.Tensor:
     """Routed experts over rows laid out [E, C, dim] (`MoE._padded`): expert e's counts[e]
     rows first, zeros after; scale [E, C, 1] their routing weights. With packed weights,
-    each expert's own rows through `cpu_experts`; else one batched product per matrix over
-    the first max(counts) rows of every expert. That width is data, which a compiled graph
-    cannot trace. -> [E, C, dim]; rows past each expert's count (past the busiest's with the
-    batched product) are left unset, as nothing reads them."""
+    each expert's own rows through `cpu_experts` (its SwiGLU fused into the first product);
+    else one batched product per matrix over the first max(counts) rows of every expert. That
+    width is data, which a compiled graph cannot trace. -> [E, C, dim]; rows past each
+    expert's count (past the busiest's with the batched product) are left unset, as nothing
+    reads them."""
+    if w13_packed is not None and cpu_experts.enabled:
+        return _kernel_swiglu(rows, scale, counts, w13_packed, w2_packed, limit)
     width = int(counts.max())
     out = torch.empty_like(rows)
-    if w13_packed is not None and cpu_experts.enabled:
-        w13, w2, matmul = w13_packed, w2_packed, _kernel_matmul(counts)
-    else:
-        matmul = torch.bmm
-    out[:, :width] = _swiglu(rows[:, :width], scale[:, :width], w13, w2, limit, matmul)
+    out[:, :width] = _swiglu(rows[:, :width], scale[:, :width], w13, w2, limit, torch.bmm)
     return out
 
 
-def _kernel_matmul(counts: torch.Tensor):
-    def matmul(rows, packed):
-        return cpu_experts.experts_matmul(rows, counts, packed)
-    return matmul
+def _kernel_swiglu(rows, scale, counts, w13_packed, w2_packed, limit: float | None):
+    """`_swiglu` through `cpu_experts`, on each expert's first counts[e] rows; the same bits
+    as torch's ops where oneDNN adds the products in the same order (AVX-512 BF16 CPUs)."""
+    h = cpu_experts.experts_swiglu(rows, counts, w13_packed, scale, limit)
+    return cpu_experts.experts_matmul(h, counts, w2_packed)
 
 
 @padded_experts.register_fake

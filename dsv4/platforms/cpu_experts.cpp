@@ -3,6 +3,11 @@
 // out[e][r] = x[e][r] . W[e]^T for the first counts[e] rows r of each expert e, with float32
 // sums rounded once to bf16 (round to nearest even), as torch's bf16 matmuls do.
 //
+// dsv4_experts_swiglu fuses the SwiGLU into the first product: its W holds w1 and w3 with
+// each 64-column block made of 32 gate columns then the 32 matching up columns
+// (`pack_gate_up`), and each row's output is silu(gate) * up * scale over those 32, rounded to
+// bf16 at the same points as torch's bf16 ops on the unfused product.
+//
 // W is packed by `pack` in cpu_experts.py as [E][N / 64][K / 2][64][2]: for each block of 64
 // output columns, each pair of input dims k, k + 1 holds 64 (column, pair) values, which are
 // the four 512-bit operands one vdpbf16ps step of 64 columns needs, contiguous. A tile of R
@@ -15,10 +20,10 @@ namespace {
 
 constexpr int kMaxRows = 6;  // 4 x 6 accumulators + 4 weight vectors + 1 broadcast < 32 zmm
 
+// acc[r][j] = sum over k of x[r][k] * w[k][16 j .. 16 j + 15], float32
 template <int R>
-void tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, uint16_t* out,
-          int64_t ldo) {
-  __m512 acc[R][4];
+inline void accumulate(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K,
+                       __m512 (&acc)[R][4]) {
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < K / 2; ++kp) {
@@ -37,43 +42,125 @@ void tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, uint16_t
       acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, b3);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j)
-      _mm256_storeu_si256((__m256i*)(out + r * ldo + 16 * j),
-                          (__m256i)_mm512_cvtneps_pbh(acc[r][j]));
 }
 
+inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+inline __m512 from_bf16(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+inline __m512 round_bf16(__m512 v) { return from_bf16(to_bf16(v)); }
+
+// e^v, within a few float32 ulps: e^v = 2^n e^f with n = round(v / ln 2), |f| <= ln 2 / 2,
+// e^f by its Taylor polynomial to degree 7 (ln 2 split in two so that f keeps its bits)
+inline __m512 exp_ps(__m512 v) {
+  v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+struct Store {  // the product, rounded to bf16
+  template <int R>
+  static void tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, uint16_t* out,
+                   int64_t ldo, const uint16_t*, int64_t, float) {
+    __m512 acc[R][4];
+    accumulate<R>(x, ldx, w, K, acc);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j)
+        _mm256_storeu_si256((__m256i*)(out + r * ldo + 16 * j), to_bf16(acc[r][j]));
+  }
+  static constexpr int kOutColumns = 64;
+};
+
+struct SwiGLU {  // silu(gate) * up * scale of a gate-up block; limit clamps gate and up
+  template <int R>
+  static void tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, uint16_t* out,
+                   int64_t ldo, const uint16_t* scale, int64_t lds, float limit) {
+    __m512 acc[R][4];
+    accumulate<R>(x, ldx, w, K, acc);
+    const __m512 hi = _mm512_set1_ps(limit), lo = _mm512_set1_ps(-limit);
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = from_bf16(_mm256_set1_epi16((short)scale[r * lds]));
+      for (int j = 0; j < 2; ++j) {
+        __m512 gate = round_bf16(acc[r][j]), up = round_bf16(acc[r][j + 2]);
+        gate = round_bf16(_mm512_min_ps(gate, hi));  // +inf when there is no limit
+        up = round_bf16(_mm512_max_ps(_mm512_min_ps(up, hi), lo));
+        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate));
+        const __m512 silu = round_bf16(_mm512_div_ps(gate, _mm512_add_ps(e, _mm512_set1_ps(1))));
+        const __m512 h = round_bf16(_mm512_mul_ps(silu, up));
+        _mm256_storeu_si256((__m256i*)(out + r * ldo + 16 * j), to_bf16(_mm512_mul_ps(h, s)));
+      }
+    }
+  }
+  static constexpr int kOutColumns = 32;
+};
+
+template <class Op>
 void rows(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, uint16_t* out,
-          int64_t ldo, int64_t n) {
+          int64_t ldo, const uint16_t* scale, int64_t lds, float limit, int64_t n) {
   int64_t r = 0;
   for (; r + kMaxRows <= n; r += kMaxRows)
-    tile<kMaxRows>(x + r * ldx, ldx, w, K, out + r * ldo, ldo);
-  x += r * ldx, out += r * ldo;
+    Op::template tile<kMaxRows>(x + r * ldx, ldx, w, K, out + r * ldo, ldo, scale + r * lds,
+                                lds, limit);
+  x += r * ldx, out += r * ldo, scale += r * lds;
   switch (n - r) {
-    case 1: tile<1>(x, ldx, w, K, out, ldo); break;
-    case 2: tile<2>(x, ldx, w, K, out, ldo); break;
-    case 3: tile<3>(x, ldx, w, K, out, ldo); break;
-    case 4: tile<4>(x, ldx, w, K, out, ldo); break;
-    case 5: tile<5>(x, ldx, w, K, out, ldo); break;
+    case 1: Op::template tile<1>(x, ldx, w, K, out, ldo, scale, lds, limit); break;
+    case 2: Op::template tile<2>(x, ldx, w, K, out, ldo, scale, lds, limit); break;
+    case 3: Op::template tile<3>(x, ldx, w, K, out, ldo, scale, lds, limit); break;
+    case 4: Op::template tile<4>(x, ldx, w, K, out, ldo, scale, lds, limit); break;
+    case 5: Op::template tile<5>(x, ldx, w, K, out, ldo, scale, lds, limit); break;
     default: break;
   }
 }
 
-}  // namespace
-
-// x_offsets[e], out_offsets[e]: where expert e's first row starts (in elements); ldx, ldo:
-// the row strides. Work is split over (expert, block of 64 columns) pairs, dealt round-robin
-// to the threads so that each gets its share of every expert whatever the counts.
-extern "C" void dsv4_experts_matmul(const uint16_t* x, const int64_t* x_offsets, int64_t ldx,
-                                    const uint16_t* packed, const int64_t* counts,
-                                    int64_t num_experts, int64_t K, int64_t N, uint16_t* out,
-                                    const int64_t* out_offsets, int64_t ldo) {
+// Work is split over (expert, block of 64 packed columns) pairs, dealt round-robin to the
+// threads so that each gets its share of every expert whatever the counts.
+template <class Op>
+void experts(const uint16_t* x, const int64_t* x_offsets, int64_t ldx, const uint16_t* packed,
+             const int64_t* counts, int64_t num_experts, int64_t K, int64_t N, uint16_t* out,
+             const int64_t* out_offsets, int64_t ldo, const uint16_t* scale,
+             const int64_t* scale_offsets, int64_t lds, float limit) {
   const int64_t blocks = N / 64;
 #pragma omp parallel for schedule(static, 1)
   for (int64_t task = 0; task < num_experts * blocks; ++task) {
     const int64_t e = task / blocks, block = task % blocks;
     if (counts[e] <= 0) continue;
-    rows(x + x_offsets[e], ldx, packed + (e * blocks + block) * K * 64, K,
-         out + out_offsets[e] + block * 64, ldo, counts[e]);
+    rows<Op>(x + x_offsets[e], ldx, packed + (e * blocks + block) * K * 64, K,
+             out + out_offsets[e] + block * Op::kOutColumns, ldo,
+             scale ? scale + scale_offsets[e] : nullptr, lds, limit, counts[e]);
   }
+}
+
+}  // namespace
+
+// x_offsets[e], out_offsets[e], scale_offsets[e]: where expert e's first row starts (in
+// elements); ldx, ldo, lds: the row strides. N counts the packed columns.
+extern "C" void dsv4_experts_matmul(const uint16_t* x, const int64_t* x_offsets, int64_t ldx,
+                                    const uint16_t* packed, const int64_t* counts,
+                                    int64_t num_experts, int64_t K, int64_t N, uint16_t* out,
+                                    const int64_t* out_offsets, int64_t ldo) {
+  experts<Store>(x, x_offsets, ldx, packed, counts, num_experts, K, N, out, out_offsets, ldo,
+                 nullptr, nullptr, 0, 0.0f);
+}
+
+extern "C" void dsv4_experts_swiglu(const uint16_t* x, const int64_t* x_offsets, int64_t ldx,
+                                    const uint16_t* packed, const int64_t* counts,
+                                    int64_t num_experts, int64_t K, int64_t N, uint16_t* out,
+                                    const int64_t* out_offsets, int64_t ldo,
+                                    const uint16_t* scale, const int64_t* scale_offsets,
+                                    int64_t lds, float limit) {
+  experts<SwiGLU>(x, x_offsets, ldx, packed, counts, num_experts, K, N, out, out_offsets, ldo,
+                  scale, scale_offsets, lds, limit);
 }

@@ -50,28 +50,54 @@ def pack(w: torch.Tensor) -> torch.Tensor:
             .permute(0, 1, 3, 2, 4).contiguous())
 
 
+def pack_gate_up(w13: torch.Tensor) -> torch.Tensor:
+    """w13 [E, 2 inter, K] (w1's rows, then w3's) packed for `experts_swiglu`: each block of
+    64 columns holds 32 of w1 and the same 32 of w3."""
+    E, N, K = w13.shape
+    half = COLUMN_BLOCK // 2
+    gate, up = (w.reshape(E, N // COLUMN_BLOCK, half, K) for w in w13.chunk(2, dim=1))
+    return pack(torch.cat([gate, up], dim=2).reshape(E, N, K))
+
+
 def experts_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """Each expert's rows times its weights (`pack`ed [E, N / 64, K / 2, 64, 2]), bf16.
 
     x [E, C, K]: expert e's rows are its first counts[e] -> [E, C, N]; or x [M, K], the rows
     sorted by expert, counts[e] of expert e -> [M, N]. Other rows of the result are left
     unset. The last dim of x must be contiguous."""
+    return _run(_library().dsv4_experts_matmul, x, counts, packed, COLUMN_BLOCK)
+
+
+def experts_swiglu(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor,
+                   scale: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """silu(x w1^T) * (x w3^T) * scale per expert's rows, w1 clamped to at most `limit` and w3
+    to +-limit first; rounded to bf16 where torch's bf16 ops on the unfused products round.
+    packed: `pack_gate_up`; scale: one routing weight per row of x, laid out as x's rows
+    ([E, C, 1] or [M, 1]). -> [E, C, inter] or [M, inter], as `experts_matmul`."""
+    # torch clamps bf16 values against the limit rounded to bf16
+    bound = float("inf") if limit is None else torch.tensor(limit).bfloat16().item()
+    return _run(_library().dsv4_experts_swiglu, x, counts, packed, COLUMN_BLOCK // 2,
+                scale.to(torch.bfloat16), bound)
+
+
+def _run(kernel, x, counts, packed, out_per_block, scale=None, limit=0.0) -> torch.Tensor:
     E, blocks, half_k = packed.shape[:3]
-    N, K = blocks * COLUMN_BLOCK, 2 * half_k
+    K = 2 * half_k
     if x.dtype != torch.bfloat16 or x.shape[-1] != K or x.stride(-1) != 1:
         raise ValueError(f"experts_matmul needs bf16 rows of {K} contiguous values, got "
                          f"{x.dtype} {tuple(x.shape)} with strides {x.stride()}")
     counts = counts.to(torch.int64).contiguous()
-    out = x.new_empty(*x.shape[:-1], N)
-    if x.dim() == 3:
-        experts = torch.arange(E)
-        x_offsets, out_offsets = experts * x.stride(0), experts * out.stride(0)
-    else:
-        first_row = counts.cumsum(0) - counts
-        x_offsets, out_offsets = first_row * x.stride(0), first_row * N
-    _library().dsv4_experts_matmul(
-        x.data_ptr(), x_offsets.data_ptr(), x.stride(-2), packed.data_ptr(), counts.data_ptr(),
-        E, K, N, out.data_ptr(), out_offsets.data_ptr(), out.stride(-2))
+    out = x.new_empty(*x.shape[:-1], blocks * out_per_block)
+    # where each expert's rows start in x, out (and scale), in elements
+    first_row = torch.arange(E) if x.dim() == 3 else counts.cumsum(0) - counts
+    starts = [first_row * (t.stride(0) if x.dim() == 3 else t.stride(-2))
+              for t in (x, out, *([] if scale is None else [scale]))]
+    args = [x.data_ptr(), starts[0].data_ptr(), x.stride(-2), packed.data_ptr(),
+            counts.data_ptr(), E, K, blocks * COLUMN_BLOCK, out.data_ptr(),
+            starts[1].data_ptr(), out.stride(-2)]
+    if scale is not None:
+        args += [scale.data_ptr(), starts[2].data_ptr(), scale.stride(-2), limit]
+    kernel(*args)
     return out
 
 
@@ -87,11 +113,13 @@ def _library() -> ctypes.CDLL | None:
                       "experts use torch's products, about 2x slower at decode batch sizes. "
                       "Install a C++ compiler (or set CXX) to get it.", stacklevel=2)
         return None
-    lib.dsv4_experts_matmul.restype = None
-    lib.dsv4_experts_matmul.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64]
+    matmul = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+              ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+              ctypes.c_void_p, ctypes.c_int64]
+    lib.dsv4_experts_matmul.argtypes = matmul
+    lib.dsv4_experts_swiglu.argtypes = matmul + [ctypes.c_void_p, ctypes.c_void_p,
+                                                 ctypes.c_int64, ctypes.c_float]
+    lib.dsv4_experts_matmul.restype = lib.dsv4_experts_swiglu.restype = None
     return lib
 
 
