@@ -82,6 +82,12 @@ def test_rows_of_the_wrong_dtype_or_width_are_refused_by_name():
     with pytest.raises(ValueError, match="bf16 rows of 32"):
         cpu_experts.experts_matmul(torch.zeros(2, 4, 16, dtype=torch.bfloat16),
                                    torch.tensor([1, 1]), packed)
+    rows = torch.zeros(2, 4, 32, dtype=torch.bfloat16)
+    for counts in ([1, 5], [1, -1], [1, 1, 1]):  # past the rows, negative, an expert too many
+        with pytest.raises(ValueError, match="do not fit rows"):
+            cpu_experts.experts_matmul(rows, torch.tensor(counts), packed)
+    with pytest.raises(ValueError, match="do not fit rows"):  # 3 + 2 sorted rows, 4 given
+        cpu_experts.experts_matmul(rows[0], torch.tensor([3, 2]), packed)
 
 
 def _bf16_moe(seed: int) -> MoE:

@@ -86,6 +86,13 @@ def _run(kernel, x, counts, packed, out_per_block, scale=None, limit=0.0) -> tor
     if x.dtype != torch.bfloat16 or x.shape[-1] != K or x.stride(-1) != 1:
         raise ValueError(f"experts_matmul needs bf16 rows of {K} contiguous values, got "
                          f"{x.dtype} {tuple(x.shape)} with strides {x.stride()}")
+    # the kernel trusts the counts: rows it would read or write past x's are refused here
+    rows = counts.tolist()
+    room = x.shape[1] if x.dim() == 3 else x.shape[0] - sum(rows) + max(rows, default=0)
+    if len(rows) != E or min(rows, default=0) < 0 or max(rows, default=0) > room or \
+            (scale is not None and scale.shape[:-1] != x.shape[:-1]):
+        raise ValueError(f"expert row counts {rows} do not fit rows {tuple(x.shape)} (scale "
+                         f"{None if scale is None else tuple(scale.shape)}) for {E} experts")
     counts = counts.to(torch.int64).contiguous()
     out = x.new_empty(*x.shape[:-1], blocks * out_per_block)
     # where each expert's rows start in x, out (and scale), in elements
