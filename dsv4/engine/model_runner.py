@@ -62,8 +62,7 @@ class V4ModelRunner(ModelRunner):
     def __init__(self, model: Transformer, layout: KVCacheLayout, max_model_len: int,
                  compile: bool = False):
         self.model = model
-        for layer in [*model.layers, *model.mtp]:
-            layer.fuse_projections()  # products that share an input as one; experts stacked
+        model.fuse_projections()  # products that share an input as one; experts stacked
         self.layout = layout
         self.num_speculative_tokens = layout.spec.num_mtp_layers  # one draft per MTP layer
         if self.num_speculative_tokens:

@@ -16,7 +16,7 @@ from torch import nn
 from dsv4.model.cache import LayerCache
 from dsv4.model.compressor import Compressor
 from dsv4.model.config import ModelArgs
-from dsv4.model.fusion import fuse_linears
+from dsv4.model.fusion import fuse_linears, linear, packed_for_kernels
 from dsv4.model.norm import RMSNorm, rms_normalize
 from dsv4.model.rope import apply_rope, rope_cos_sin
 from dsv4.quant.act import fp4_roundtrip, fp8_roundtrip, hadamard_rotate
@@ -142,12 +142,20 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(args.hidden_size, self.head_dim, 4, args.rms_norm_eps)
+        self.register_buffer("_wq_b_packed", None, persistent=False)  # see fuse_projections
+
+    def fuse_projections(self) -> None:
+        """For inference: its compressor's products as one, wq_b through the CPU kernels
+        where they run (`linear`)."""
+        self.compressor.fuse_projections()
+        self._wq_b_packed = packed_for_kernels(self.wq_b.weight)
 
     def queries(self, x, qr, cos, sin, fp4: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D], qr [B, T, q_lora_rank], cos/sin [T, rd/2] -> (queries [B, T, h, d]
         float32, rotated, FP4 values if `fp4`; head weights [B, T, h] float32, scaled)."""
         B, T, _ = x.shape
-        q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim).float()
+        q = linear(qr, self.wq_b.weight, self._wq_b_packed)
+        q = q.view(B, T, self.n_heads, self.head_dim).float()
         q = apply_rope(q, cos[:, None], sin[:, None])
         if fp4:
             q = quantize_indexer(q)
@@ -201,16 +209,21 @@ class Attention(nn.Module):
             self.compressor = Compressor(args.hidden_size, hd, ratio, args.rms_norm_eps)
         if ratio == 4:
             self.indexer = Indexer(args)
-        self.register_buffer("_wq_a_kv", None, persistent=False)  # see fuse_projections
+        for name in ("_wq_a_kv", "_wq_a_kv_packed", "_wq_b_packed", "_wo_b_packed"):
+            self.register_buffer(name, None, persistent=False)  # see fuse_projections
 
     def fuse_projections(self) -> None:
         """For inference: the products that read the attention input x as one
-        (`fuse_linears`): wq_a with wkv, and each compressor's wkv with its wgate."""
+        (`fuse_linears`): wq_a with wkv, and each compressor's wkv with its wgate; the bf16
+        products through the CPU kernels where they run (`linear`)."""
         self._wq_a_kv = fuse_linears(self.wq_a, self.wkv)
+        self._wq_a_kv_packed = packed_for_kernels(self._wq_a_kv)
+        self._wq_b_packed = packed_for_kernels(self.wq_b.weight)
+        self._wo_b_packed = packed_for_kernels(self.wo_b.weight)
+        if self.ratio == 4:
+            self.indexer.fuse_projections()
         if self.ratio:
             self.compressor.fuse_projections()
-        if self.ratio == 4:
-            self.indexer.compressor.fuse_projections()
 
     def forward(
         self,
@@ -282,11 +295,13 @@ class Attention(nn.Module):
         rotated)."""
         B, T, _ = x.shape
         if self._wq_a_kv is not None:
-            qr, kv = F.linear(x, self._wq_a_kv).split([self.args.q_lora_rank, self.head_dim], -1)
+            qr, kv = linear(x, self._wq_a_kv, self._wq_a_kv_packed).split(
+                [self.args.q_lora_rank, self.head_dim], -1)
         else:
             qr, kv = self.wq_a(x), self.wkv(x)
         qr = self.q_norm(qr)
-        q = rms_normalize(self.wq_b(qr).view(B, T, self.n_heads, self.head_dim), self.eps)
+        q = linear(qr, self.wq_b.weight, self._wq_b_packed)
+        q = rms_normalize(q.view(B, T, self.n_heads, self.head_dim), self.eps)
         q = apply_rope(q.to(x.dtype), cos[:, None], sin[:, None])
         return qr, q, apply_rope(self.kv_norm(kv), cos, sin)
 
@@ -297,7 +312,7 @@ class Attention(nn.Module):
         g = self.args.o_groups
         wo_a = self.wo_a.weight.view(g, self.args.o_lora_rank, -1)
         o = torch.einsum("...gd,grd->...gr", o.flatten(-2).unflatten(-1, (g, -1)), wo_a)
-        return self.wo_b(o.flatten(-2))
+        return linear(o.flatten(-2), self.wo_b.weight, self._wo_b_packed)
 
     def _read(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if stored.dtype == torch.uint8:  # real FP8 entries

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.model.config import ModelArgs
-from dsv4.model.fusion import fuse_linears
-from dsv4.platforms import cpu_experts
+from dsv4.model.fusion import fuse_linears, linear, packed_for_kernels
+from dsv4.platforms import cpu_kernels
 
 # A compiled step of up to this many tokens runs the routed experts as fused loops over each
 # token's own experts (`MoE._gathered`) rather than products over every expert: a decode step
@@ -33,15 +33,19 @@ class Expert(nn.Module):
         self.w2 = nn.Linear(inter_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, inter_dim, bias=False)
         self.limit = swiglu_limit  # None: no clamp (the reference's shared expert)
-        self.register_buffer("_w13", None, persistent=False)  # see fuse_projections
+        for name in ("_w13", "_w13_packed", "_w2_packed"):  # see fuse_projections
+            self.register_buffer(name, None, persistent=False)
 
     def fuse_projections(self) -> None:
-        """For inference: w1 and w3 as one product (`fuse_linears`)."""
+        """For inference: w1 and w3 as one product (`fuse_linears`); both products through
+        the CPU kernels where they run (`linear`)."""
         self._w13 = fuse_linears(self.w1, self.w3)
+        self._w13_packed = packed_for_kernels(self._w13)
+        self._w2_packed = packed_for_kernels(self.w2.weight)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self._w13 is not None:
-            gate, up = F.linear(x, self._w13).chunk(2, dim=-1)
+            gate, up = linear(x, self._w13, self._w13_packed).chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
         if self.limit is not None:
@@ -49,7 +53,7 @@ class Expert(nn.Module):
         h = F.silu(gate) * up
         if weight is not None:
             h = h * weight[:, None].to(h.dtype)
-        return self.w2(h)
+        return linear(h, self.w2.weight, self._w2_packed)
 
 
 class Gate(nn.Module):
@@ -121,10 +125,10 @@ class MoE(nn.Module):
         # bf16 on a CPU with AVX-512 BF16: a copy of each in the layout of our kernel, which
         # runs the padded and sorted products (the routed experts' memory twice over; the
         # few-token steps read the stacks above in place)
-        packable = cpu_experts.can_pack(w13) and cpu_experts.can_pack(w2)
-        self.register_buffer("_w13_packed", cpu_experts.pack_gate_up(w13) if packable else None,
+        packable = cpu_kernels.can_pack(w13) and cpu_kernels.can_pack(w2)
+        self.register_buffer("_w13_packed", cpu_kernels.pack_gate_up(w13) if packable else None,
                              persistent=False)
-        self.register_buffer("_w2_packed", cpu_experts.pack(w2) if packable else None,
+        self.register_buffer("_w2_packed", cpu_kernels.pack(w2) if packable else None,
                              persistent=False)
         self._stacked = True
 
@@ -198,7 +202,7 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
                     ) -> torch.Tensor:
     """Routed experts over x [N, dim] as matmuls over the tokens sorted by expert; w13
     [E, dim, 2 inter] (w1 then w3) and w2 [E, inter, dim] stacked (`MoE.stack_experts`),
-    or their packed copies through `cpu_experts` where given. The same sums as
+    or their packed copies through `cpu_kernels` where given. The same sums as
     `MoE._looped`, each token's experts added in expert order (bitwise through grouped_mm
     and the kernel, to rounding through the batched product). A custom op, so that a
     compiled graph calls it as it is: the group sizes are data, which `torch.compile` cannot
@@ -208,7 +212,7 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     token = order // indices.shape[1]
     counts = torch.bincount(flat, minlength=len(w2))
     rows, scale = x[token], weights.flatten()[order, None].to(x.dtype)
-    if w13_packed is not None and cpu_experts.enabled:  # each expert's own rows, in order
+    if w13_packed is not None and cpu_kernels.enabled:  # each expert's own rows, in order
         out = _kernel_swiglu(rows, scale, counts, w13_packed, w2_packed, limit)
         return torch.zeros_like(x).index_add_(0, token, out)
     width = int(counts.max())
@@ -254,12 +258,12 @@ def padded_experts(rows: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor
                    ) -> torch.Tensor:
     """Routed experts over rows laid out [E, C, dim] (`MoE._padded`): expert e's counts[e]
     rows first, zeros after; scale [E, C, 1] their routing weights. With packed weights,
-    each expert's own rows through `cpu_experts` (its SwiGLU fused into the first product);
+    each expert's own rows through `cpu_kernels` (its SwiGLU fused into the first product);
     else one batched product per matrix over the first max(counts) rows of every expert. That
     width is data, which a compiled graph cannot trace. -> [E, C, dim]; rows past each
     expert's count (past the busiest's with the batched product) are left unset, as nothing
     reads them."""
-    if w13_packed is not None and cpu_experts.enabled:
+    if w13_packed is not None and cpu_kernels.enabled:
         return _kernel_swiglu(rows, scale, counts, w13_packed, w2_packed, limit)
     width = int(counts.max())
     out = torch.empty_like(rows)
@@ -268,10 +272,10 @@ def padded_experts(rows: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor
 
 
 def _kernel_swiglu(rows, scale, counts, w13_packed, w2_packed, limit: float | None):
-    """`_swiglu` through `cpu_experts`, on each expert's first counts[e] rows; the same bits
+    """`_swiglu` through `cpu_kernels`, on each expert's first counts[e] rows; the same bits
     as torch's ops where oneDNN adds the products in the same order (AVX-512 BF16 CPUs)."""
-    h = cpu_experts.experts_swiglu(rows, counts, w13_packed, scale, limit)
-    return cpu_experts.experts_matmul(h, counts, w2_packed)
+    h = cpu_kernels.experts_swiglu(rows, counts, w13_packed, scale, limit)
+    return cpu_kernels.experts_matmul(h, counts, w2_packed)
 
 
 @padded_experts.register_fake

@@ -10,6 +10,7 @@ from torch import nn
 from dsv4.model.attention import Attention
 from dsv4.model.cache import ModelCache
 from dsv4.model.config import ModelArgs
+from dsv4.model.fusion import linear, packed_for_kernels
 from dsv4.model.hyper import hc_head, hc_post, hc_pre
 from dsv4.model.moe import MoE
 from dsv4.model.norm import RMSNorm
@@ -123,6 +124,7 @@ class Transformer(nn.Module):
         )
         self.norm = RMSNorm(d, args.rms_norm_eps)
         self.head = nn.Linear(d, args.vocab_size, bias=False)
+        self.register_buffer("_head_packed", None, persistent=False)  # see fuse_projections
         _hc_params(self, "hc_head", args, args.hc_mult)
         rd = args.qk_rope_head_dim
         self.register_buffer(
@@ -143,12 +145,20 @@ class Transformer(nn.Module):
     def _inv_freq(self, ratio: int) -> torch.Tensor:
         return self.inv_freq_compress if ratio else self.inv_freq_window
 
+    def fuse_projections(self) -> None:
+        """For inference (the engine): every block's products that read one input as one
+        product, the routed experts stacked, and the bf16 products through the CPU kernels
+        where they run (`Block.fuse_projections`, `fusion.linear`)."""
+        for layer in [*self.layers, *self.mtp]:
+            layer.fuse_projections()
+        self._head_packed = packed_for_kernels(self.head.weight)
+
     def _head(self, x: torch.Tensor, owner: nn.Module, norm: RMSNorm) -> torch.Tensor:
         a = self.args
         h = hc_head(
             x, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, a.hc_eps, a.rms_norm_eps
         )
-        return self.head(norm(h)).float()
+        return linear(norm(h), self.head.weight, self._head_packed).float()
 
     def forward_streams(self, ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         """ids [B, T] (at positions cache.num_tokens..) -> final streams [B, T, n, D]."""

@@ -1,4 +1,6 @@
-// Routed experts' matrix products in bf16 for CPUs with AVX-512 BF16 (see cpu_experts.py).
+// Matrix products in bf16 for CPUs with AVX-512 BF16 (see cpu_kernels.py): the routed
+// experts' (C functions, called through ctypes) and dense ones (the torch op dsv4_cpu::linear,
+// which compiled graphs call without Python).
 //
 // out[e][r] = x[e][r] . W[e]^T for the first counts[e] rows r of each expert e, with float32
 // sums rounded once to bf16 (round to nearest even), as torch's bf16 matmuls do.
@@ -8,13 +10,18 @@
 // (`pack_gate_up`), and each row's output is silu(gate) * up * scale over those 32, rounded to
 // bf16 at the same points as torch's bf16 ops on the unfused product.
 //
-// W is packed by `pack` in cpu_experts.py as [E][N / 64][K / 2][64][2]: for each block of 64
+// W is packed by `pack` in cpu_kernels.py as [E][N / 64][K / 2][64][2]: for each block of 64
 // output columns, each pair of input dims k, k + 1 holds 64 (column, pair) values, which are
 // the four 512-bit operands one vdpbf16ps step of 64 columns needs, contiguous. A tile of R
 // rows x 64 columns keeps its 4R float32 sums in registers for the whole K loop; each input
 // pair is broadcast once per row and each weight vector loaded once per tile.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <immintrin.h>
 #include <stdint.h>
+#include <torch/library.h>
+
+#include <vector>
 
 namespace {
 
@@ -127,20 +134,50 @@ void rows(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K, uint16_t
 
 // Work is split over (expert, block of 64 packed columns) pairs, dealt round-robin to the
 // threads so that each gets its share of every expert whatever the counts.
+// packed_stride: elements from one expert's packed weights to the next (0: one shared W)
 template <class Op>
 void experts(const uint16_t* x, const int64_t* x_offsets, int64_t ldx, const uint16_t* packed,
-             const int64_t* counts, int64_t num_experts, int64_t K, int64_t N, uint16_t* out,
-             const int64_t* out_offsets, int64_t ldo, const uint16_t* scale,
-             const int64_t* scale_offsets, int64_t lds, float limit) {
+             int64_t packed_stride, const int64_t* counts, int64_t num_experts, int64_t K,
+             int64_t N, uint16_t* out, const int64_t* out_offsets, int64_t ldo,
+             const uint16_t* scale, const int64_t* scale_offsets, int64_t lds, float limit) {
   const int64_t blocks = N / 64;
 #pragma omp parallel for schedule(static, 1)
   for (int64_t task = 0; task < num_experts * blocks; ++task) {
     const int64_t e = task / blocks, block = task % blocks;
     if (counts[e] <= 0) continue;
-    rows<Op>(x + x_offsets[e], ldx, packed + (e * blocks + block) * K * 64, K,
+    rows<Op>(x + x_offsets[e], ldx, packed + e * packed_stride + block * K * 64, K,
              out + out_offsets[e] + block * Op::kOutColumns, ldo,
              scale ? scale + scale_offsets[e] : nullptr, lds, limit, counts[e]);
   }
+}
+
+// x [..., K] times one packed W [N / 64, K / 2, 64, 2] -> [..., N]. The rows go in chunks
+// that share W, so that threads split the rows as well as the column blocks.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16 &&
+                  x.device().is_cpu() && packed.dim() == 4 && packed.is_contiguous() &&
+                  x.size(-1) == 2 * packed.size(1),
+              "dsv4_cpu::linear: bf16 CPU rows of 2 x packed.size(1) values and a contiguous "
+              "[N / 64, K / 2, 64, 2] packed weight, got ", x.sizes(), " and ", packed.sizes());
+  const int64_t K = x.size(-1), N = packed.size(0) * 64;
+  at::Tensor rows = x.reshape({-1, K});
+  if (rows.stride(1) != 1) rows = rows.contiguous();
+  const int64_t M = rows.size(0), chunk = 4 * kMaxRows;
+  at::Tensor out = at::empty({M, N}, x.options());
+  const int64_t chunks = (M + chunk - 1) / chunk;
+  std::vector<int64_t> x_offsets(chunks), out_offsets(chunks), counts(chunks);
+  for (int64_t c = 0; c < chunks; ++c) {
+    x_offsets[c] = c * chunk * rows.stride(0);
+    out_offsets[c] = c * chunk * N;
+    counts[c] = std::min(chunk, M - c * chunk);
+  }
+  experts<Store>(reinterpret_cast<const uint16_t*>(rows.data_ptr()), x_offsets.data(),
+                 rows.stride(0), reinterpret_cast<const uint16_t*>(packed.data_ptr()), 0,
+                 counts.data(), chunks, K, N, reinterpret_cast<uint16_t*>(out.data_ptr()),
+                 out_offsets.data(), N, nullptr, nullptr, 0, 0.0f);
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  return out.view(sizes);
 }
 
 }  // namespace
@@ -151,8 +188,8 @@ extern "C" void dsv4_experts_matmul(const uint16_t* x, const int64_t* x_offsets,
                                     const uint16_t* packed, const int64_t* counts,
                                     int64_t num_experts, int64_t K, int64_t N, uint16_t* out,
                                     const int64_t* out_offsets, int64_t ldo) {
-  experts<Store>(x, x_offsets, ldx, packed, counts, num_experts, K, N, out, out_offsets, ldo,
-                 nullptr, nullptr, 0, 0.0f);
+  experts<Store>(x, x_offsets, ldx, packed, K * N, counts, num_experts, K, N, out, out_offsets,
+                 ldo, nullptr, nullptr, 0, 0.0f);
 }
 
 extern "C" void dsv4_experts_swiglu(const uint16_t* x, const int64_t* x_offsets, int64_t ldx,
@@ -161,6 +198,10 @@ extern "C" void dsv4_experts_swiglu(const uint16_t* x, const int64_t* x_offsets,
                                     const int64_t* out_offsets, int64_t ldo,
                                     const uint16_t* scale, const int64_t* scale_offsets,
                                     int64_t lds, float limit) {
-  experts<SwiGLU>(x, x_offsets, ldx, packed, counts, num_experts, K, N, out, out_offsets, ldo,
-                  scale, scale_offsets, lds, limit);
+  experts<SwiGLU>(x, x_offsets, ldx, packed, K * N, counts, num_experts, K, N, out,
+                  out_offsets, ldo, scale, scale_offsets, lds, limit);
 }
+
+TORCH_LIBRARY(dsv4_cpu, m) { m.def("linear(Tensor x, Tensor packed) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(dsv4_cpu, CPU, m) { m.impl("linear", &linear); }

@@ -1,18 +1,25 @@
-"""The routed experts' products in bf16 on CPUs with AVX-512 BF16, by a kernel of our own.
+"""bf16 matrix products on CPUs with AVX-512 BF16, by kernels of our own (cpu_kernels.cpp).
 
-A decode step of many requests gives each expert a few rows to ~20 (32 requests of the
-benchmark config: 64 rows over 8 experts). At those sizes torch's batched bf16 product
-(oneDNN) reaches about half the rate the same CPU gets on a large matmul, and the padded
-layout it needs multiplies every expert's zero rows up to the busiest's count.
-`cpu_experts.cpp` runs each expert's own rows only, with the weights packed once at load so
-that every step reads them as contiguous 512-bit operands: on a 2-core Zen 4 EPYC, 1.7x-3x
-faster than `torch.bmm` on the benchmark config's shapes, the same bits (docs/benchmarks.md).
+A decode step of many requests gives each routed expert a few rows to ~20 (32 requests of the
+benchmark config: 64 rows over 8 experts), and each dense product 32 rows. At those sizes
+torch's bf16 products (oneDNN) reach about half the rate the same CPU gets on a large matmul,
+and the experts' padded layout multiplies every expert's zero rows up to the busiest's count.
+The kernels run each expert's own rows only, with weights packed once at load so that every
+step reads them as contiguous 512-bit operands, and fuse the experts' SwiGLU into their first
+product: on a 2-core Zen 4 EPYC 1.7x-3x faster than torch's products on the benchmark
+config's shapes, with the same bits (docs/benchmarks.md).
 
-The source ships with the package and is compiled on first use with the C++ compiler that
-torch.compile also needs (`$CXX`, else `c++`), into a cache directory (`$DSV4_CACHE_DIR`,
-else `$XDG_CACHE_HOME/dsv4` or `~/.cache/dsv4`). Where the CPU lacks AVX-512 BF16, the
-compiler is missing or the shapes do not fit (columns a multiple of 64, an even inner dim),
-`MoE` keeps torch's products. `DSV4_CPU_EXPERTS_KERNEL=0` turns the kernel off (`enabled`).
+- `experts_swiglu` / `experts_matmul`: the routed experts (`MoE`), called through ctypes
+  from the experts' custom ops, which run Python anyway.
+- `linear`: a dense product, the torch op `dsv4_cpu::linear`, which a compiled graph calls
+  from its C++ without Python (the model's `fusion.linear` picks it for steps of many rows).
+
+The source ships with the package and is compiled on first use, against torch's headers,
+with the C++ compiler that torch.compile also needs (`$CXX`, else `c++`; ~5 s), into a cache
+directory (`$DSV4_CACHE_DIR`, else `$XDG_CACHE_HOME/dsv4` or `~/.cache/dsv4`). Where the CPU
+lacks AVX-512 BF16, the compiler is missing or the shapes do not fit (columns a multiple of
+64, an even inner dim), the model keeps torch's products. `DSV4_CPU_KERNELS=0` turns the
+kernels off (`enabled`; read when the weights are packed and, for the experts, every call).
 """
 
 from __future__ import annotations
@@ -28,26 +35,33 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_experts.cpp")
-FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bf16", "-mfma"]
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mavx512bf16",
+         "-mfma", "-w"]  # -w: torch's headers warn under C++17
 COLUMN_BLOCK = 64  # output columns per packed block: four 16-float vectors
 
-enabled = os.environ.get("DSV4_CPU_EXPERTS_KERNEL", "1") != "0"
+enabled = os.environ.get("DSV4_CPU_KERNELS", "1") != "0"
 
 
 def can_pack(w: torch.Tensor) -> bool:
-    """Whether stacked expert weights w [E, N, K] (out, in) can run through the kernel on
-    this machine (which compiles it, once, if it has not been)."""
-    return (w.dim() == 3 and w.dtype == torch.bfloat16 and w.is_cpu
-            and w.shape[1] % COLUMN_BLOCK == 0 and w.shape[2] % 2 == 0
-            and _library() is not None)
+    """Whether weights w [N, K] or stacked experts' [E, N, K] (out, in) can run through the
+    kernels on this machine (which compiles them, once, if it has not)."""
+    return (w.dim() in (2, 3) and w.dtype == torch.bfloat16 and w.is_cpu
+            and w.shape[-2] % COLUMN_BLOCK == 0 and w.shape[-1] % 2 == 0
+            and enabled and _library() is not None)
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """w [E, N, K] -> [E, N / 64, K / 2, 64, 2], the layout `cpu_experts.cpp` reads."""
-    E, N, K = w.shape
-    return (w.reshape(E, N // COLUMN_BLOCK, COLUMN_BLOCK, K // 2, 2)
-            .permute(0, 1, 3, 2, 4).contiguous())
+    """w [..., N, K] -> [..., N / 64, K / 2, 64, 2], the layout `cpu_kernels.cpp` reads."""
+    *lead, N, K = w.shape
+    return (w.reshape(*lead, N // COLUMN_BLOCK, COLUMN_BLOCK, K // 2, 2)
+            .transpose(-3, -2).contiguous())
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [..., K] bf16 times a `pack`ed [N, K] weight -> [..., N], as F.linear. The op
+    exists once `can_pack` has said yes (loading the kernels registers it)."""
+    return torch.ops.dsv4_cpu.linear(x, packed)
 
 
 def pack_gate_up(w13: torch.Tensor) -> torch.Tensor:
@@ -113,13 +127,15 @@ def _library() -> ctypes.CDLL | None:
     if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = ctypes.CDLL(str(_build()))  # registers dsv4_cpu::linear
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or e
-        warnings.warn(f"dsv4: could not build the CPU experts kernel ({detail}); the routed "
-                      "experts use torch's products, about 2x slower at decode batch sizes. "
-                      "Install a C++ compiler (or set CXX) to get it.", stacklevel=2)
+        warnings.warn(f"dsv4: could not build the CPU kernels ({detail}); the model uses "
+                      "torch's products, about 2x slower at decode batch sizes. Install a C++ "
+                      "compiler (or set CXX) to get them.", stacklevel=2)
         return None
+    torch.library.register_fake("dsv4_cpu::linear")(
+        lambda x, packed: x.new_empty(*x.shape[:-1], packed.shape[0] * COLUMN_BLOCK))
     matmul = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
               ctypes.c_void_p, ctypes.c_int64]
@@ -131,21 +147,33 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _build() -> Path:
-    """Compile the kernel once per source, flags and compiler; -> the shared library."""
+    """Compile the kernels once per source, command, compiler and torch; -> the library."""
     compiler = os.environ.get("CXX", "c++")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *FLAGS, version]).encode())
+    # the libraries after the source, or a linker that drops unneeded ones drops them
+    command = [compiler, *FLAGS, str(SOURCE), *_torch_flags()]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *command, version,
+                                     torch.__version__]).encode())
     cache = Path(os.environ.get("DSV4_CACHE_DIR")
                  or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsv4")
-    target = cache / "kernels" / f"cpu_experts_{key.hexdigest()[:16]}.so"
+    target = cache / "kernels" / f"cpu_kernels_{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # built under a temporary name and renamed: processes that build at once never load
         # a half-written file
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)],
-                           capture_output=True, text=True, check=True)
+            subprocess.run([*command, "-o", str(built)], capture_output=True, text=True,
+                           check=True)
             os.replace(built, target)
     return target
+
+
+def _torch_flags() -> list[str]:
+    """Compile against this torch's headers and link its libraries (for dsv4_cpu::linear)."""
+    root = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}",
+            "-ltorch_cpu", "-lc10"]

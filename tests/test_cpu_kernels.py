@@ -1,6 +1,6 @@
-"""The CPU experts kernel (dsv4/platforms/cpu_experts.cpp) against exact products, and the MoE
-through it against the MoE through torch's products. Skipped where the CPU has no AVX-512
-BF16 (the kernel is then never used); the build's failure path runs everywhere."""
+"""The CPU kernels (dsv4/platforms/cpu_kernels.cpp) against exact products, and the MoE and
+the model through them against torch's products. Skipped where the CPU has no AVX-512 BF16
+(the kernels are then never used); the build's failure path runs everywhere."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import pytest
 import torch
 from v4_oracle import tiny_args
 
+from dsv4.model import fusion
 from dsv4.model.moe import MoE
-from dsv4.platforms import cpu_experts
+from dsv4.model.transformer import Transformer
+from dsv4.platforms import cpu_kernels
 
 needs_kernel = pytest.mark.skipif(
-    not cpu_experts.can_pack(torch.zeros(1, 64, 2, dtype=torch.bfloat16)),
+    not cpu_kernels.can_pack(torch.zeros(1, 64, 2, dtype=torch.bfloat16)),
     reason="this CPU has no AVX-512 BF16 (or no C++ compiler): the kernel is not used here")
 
 
@@ -35,7 +37,7 @@ def test_padded_layout_runs_each_experts_own_rows_and_leaves_the_rest():
     w = torch.randn(E, N, K, generator=g).bfloat16()
     x = torch.randn(E, C, 2 * K, generator=g).bfloat16()[..., :K]  # rows strided by 2K
     counts = torch.tensor([0, 1, 6, 13, 16])  # none, a remainder tile, whole tiles, both
-    out = cpu_experts.experts_matmul(x, counts, cpu_experts.pack(w))
+    out = cpu_kernels.experts_matmul(x, counts, cpu_kernels.pack(w))
     assert out.shape == (E, C, N)
     for e, n in enumerate(counts.tolist()):
         _assert_within_one_rounding(out[e, :n], _exact(x[e, :n], w[e]))
@@ -48,7 +50,7 @@ def test_sorted_layout_takes_consecutive_rows_per_expert():
     w = torch.randn(E, N, K, generator=g).bfloat16()
     counts = torch.tensor([7, 0, 300, 2])
     x = torch.randn(int(counts.sum()), K, generator=g).bfloat16()
-    out = cpu_experts.experts_matmul(x, counts, cpu_experts.pack(w))
+    out = cpu_kernels.experts_matmul(x, counts, cpu_kernels.pack(w))
     first = 0
     for e, n in enumerate(counts.tolist()):
         _assert_within_one_rounding(out[first:first + n], _exact(x[first:first + n], w[e]))
@@ -64,7 +66,7 @@ def test_fused_swiglu_matches_torchs_ops_on_the_products(limit):
     x = torch.randn(E, C, K, generator=g).bfloat16()
     scale = torch.rand(E, C, 1, generator=g).bfloat16()
     counts = torch.tensor([9, 0, 4])
-    h = cpu_experts.experts_swiglu(x, counts, cpu_experts.pack_gate_up(w13), scale, limit)
+    h = cpu_kernels.experts_swiglu(x, counts, cpu_kernels.pack_gate_up(w13), scale, limit)
     assert h.shape == (E, C, inter)
     gate, up = torch.bmm(x, w13.transpose(1, 2)).chunk(2, dim=-1)
     if limit is not None:
@@ -76,18 +78,68 @@ def test_fused_swiglu_matches_torchs_ops_on_the_products(limit):
 
 @needs_kernel
 def test_rows_of_the_wrong_dtype_or_width_are_refused_by_name():
-    packed = cpu_experts.pack(torch.zeros(2, 64, 32, dtype=torch.bfloat16))
+    packed = cpu_kernels.pack(torch.zeros(2, 64, 32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="bf16 rows of 32 contiguous values"):
-        cpu_experts.experts_matmul(torch.zeros(2, 4, 32), torch.tensor([1, 1]), packed)
+        cpu_kernels.experts_matmul(torch.zeros(2, 4, 32), torch.tensor([1, 1]), packed)
     with pytest.raises(ValueError, match="bf16 rows of 32"):
-        cpu_experts.experts_matmul(torch.zeros(2, 4, 16, dtype=torch.bfloat16),
+        cpu_kernels.experts_matmul(torch.zeros(2, 4, 16, dtype=torch.bfloat16),
                                    torch.tensor([1, 1]), packed)
     rows = torch.zeros(2, 4, 32, dtype=torch.bfloat16)
     for counts in ([1, 5], [1, -1], [1, 1, 1]):  # past the rows, negative, an expert too many
         with pytest.raises(ValueError, match="do not fit rows"):
-            cpu_experts.experts_matmul(rows, torch.tensor(counts), packed)
+            cpu_kernels.experts_matmul(rows, torch.tensor(counts), packed)
     with pytest.raises(ValueError, match="do not fit rows"):  # 3 + 2 sorted rows, 4 given
-        cpu_experts.experts_matmul(rows[0], torch.tensor([3, 2]), packed)
+        cpu_kernels.experts_matmul(rows[0], torch.tensor([3, 2]), packed)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 128), (9, 128), (3, 100, 128)])
+def test_linear_is_f_linear(shape):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(192, 128, generator=g).bfloat16()
+    x = torch.randn(*shape[:-1], 256, generator=g).bfloat16()[..., ::2]  # strided rows
+    assert cpu_kernels.can_pack(w)
+    out = cpu_kernels.linear(x, cpu_kernels.pack(w))
+    assert out.shape == (*shape[:-1], 192)
+    _assert_within_one_rounding(out.flatten(0, -2), _exact(x.flatten(0, -2), w))
+
+
+def _ran_kernel(fn) -> bool:
+    with torch.profiler.profile() as prof:
+        fn()
+    return any(e.key == "dsv4_cpu::linear" for e in prof.key_averages())
+
+
+@needs_kernel
+def test_linear_leaves_a_compiled_graphs_few_rows_to_inductor(monkeypatch):
+    w = torch.randn(64, 32).bfloat16()
+    packed = fusion.packed_for_kernels(w)
+    assert packed is not None
+    few, many = torch.randn(3, 32).bfloat16(), torch.randn(9, 32).bfloat16()
+    assert _ran_kernel(lambda: fusion.linear(few, w, packed))  # eagerly, every size
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not _ran_kernel(lambda: fusion.linear(few, w, packed))  # fused loops there
+    assert _ran_kernel(lambda: fusion.linear(many, w, packed))
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+    assert not _ran_kernel(lambda: fusion.linear(many, w, packed))
+
+
+@needs_kernel
+def test_bf16_model_through_the_kernels_gives_torchs_logits(monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.bfloat16()
+    ids = torch.randint(0, model.args.vocab_size, (2, 21))
+    with torch.inference_mode():
+        model.fuse_projections()
+        assert model._head_packed is not None and model.layers[0].attn._wo_b_packed is not None
+        kernels = model.score(ids)
+        monkeypatch.setattr(cpu_kernels, "enabled", False)
+        torchs = model.score(ids)
+    torch.testing.assert_close(kernels, torchs, atol=2e-2, rtol=2e-2)
 
 
 def _bf16_moe(seed: int) -> MoE:
@@ -115,7 +167,7 @@ def test_moe_through_the_kernel_matches_torchs_products(monkeypatch, compiling, 
     x, ids = torch.randn(1, tokens, 128).bfloat16(), torch.randint(0, 100, (1, tokens))
     with torch.no_grad():
         kernel = moe(x, ids)
-        monkeypatch.setattr(cpu_experts, "enabled", False)
+        monkeypatch.setattr(cpu_kernels, "enabled", False)
         torchs = moe(x, ids)
     # the same sums rounded at the same points; equal bits on CPUs where oneDNN also adds
     # pairs of products in order, to bf16's rounding elsewhere
@@ -126,11 +178,13 @@ def test_a_failed_build_warns_and_leaves_torchs_products(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("DSV4_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    cpu_experts._library.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="could not build the CPU experts kernel"):
-            assert not cpu_experts.can_pack(torch.zeros(2, 64, 32, dtype=torch.bfloat16))
+        with pytest.warns(UserWarning, match="could not build the CPU kernels"):
+            assert not cpu_kernels.can_pack(torch.zeros(2, 64, 32, dtype=torch.bfloat16))
         moe = _bf16_moe(seed=0)
+        moe.shared_experts.fuse_projections()
         assert moe._w13_packed is None  # the MoE runs torch's products
+        assert moe.shared_experts._w13_packed is None
     finally:
-        cpu_experts._library.cache_clear()  # later tests build (or find) the real kernel
+        cpu_kernels._library.cache_clear()  # later tests build (or find) the real kernel
