@@ -225,3 +225,17 @@ def test_generate_builds_only_final_outputs_and_step_reports_every_step(hf_model
         assert [o.request_id for o in eng.step()] == [rid]
         steps += 1
     assert reported == [rid] * steps
+
+
+def test_greedy_min_tokens_holds_back_eos_through_the_engine(hf_model):
+    """Plain greedy batches skip the sampler's tensors (`argmax_only`); a greedy request whose
+    min_tokens bans EOS must not: here EOS is the token greedy decoding picks first."""
+    prompt = _prompts(1, seed=9)[0]
+    first = _engine(hf_model).generate([prompt], GREEDY)[0].token_ids[0]
+    engine = _engine(hf_model)
+    engine.eos_token_id = first
+    plain = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4))[0]
+    assert plain.token_ids == [first] and plain.finish_reason == "stop"
+    held = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4,
+                                                    min_tokens=2))[0]
+    assert held.token_ids[0] != first and len(held.token_ids) >= 2

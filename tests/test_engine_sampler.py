@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.engine.sampler import SamplingBatch, sample
+from dsv4.engine.sampler import SamplingBatch, argmax_only, sample
 from dsv4.engine.sampling_params import SamplingParams
 
 VOCAB = 50
@@ -219,3 +219,15 @@ def test_candidate_shortcut_is_exact(monkeypatch, num_candidates):
     ref = sample(logits, _batch(params)).token_ids  # default CANDIDATES (>= VOCAB here)
     monkeypatch.setattr(sampler_mod, "CANDIDATES", num_candidates)
     assert torch.equal(sample(logits, _batch(params)).token_ids, ref)
+
+
+@pytest.mark.parametrize("extra", [dict(temperature=0.5), dict(presence_penalty=0.1),
+                                   dict(frequency_penalty=0.1), dict(repetition_penalty=1.1),
+                                   dict(logprobs=0), dict(min_tokens=3)])
+def test_only_plain_greedy_rows_skip_the_sampler(extra):
+    plain = SamplingParams(temperature=0.0)
+    assert argmax_only([plain, plain], [[5], []])
+    other = SamplingParams(**{"temperature": 0.0, **extra})
+    assert not argmax_only([plain, other], [[5], [1, 2]])
+    if "min_tokens" in extra:  # the ban ends once min_tokens tokens are out
+        assert argmax_only([plain, other], [[5], [1, 2, 3]])

@@ -28,7 +28,7 @@ from dsv4.engine.request import (
     TokenLogprobs,
 )
 from dsv4.engine.runner import ModelRunner
-from dsv4.engine.sampler import SamplingBatch, sample
+from dsv4.engine.sampler import SamplingBatch, argmax_only, sample
 from dsv4.engine.sampling_params import SamplingParams
 from dsv4.engine.scheduler import Scheduler
 
@@ -216,13 +216,16 @@ class LLMEngine:
                 owners.append(req.request_id)
         if not owners:
             return {}
-        sbatch = SamplingBatch.build(params, prompts, outputs, vocab_size=logits.shape[-1],
-                                     eos_token_id=self.eos_token_id, device=logits.device)
-        res = sample(logits, sbatch)
-        token_ids = res.token_ids.tolist()
-        chosen = res.logprobs.tolist() if res.logprobs is not None else None
-        top_ids = res.top_token_ids.tolist() if res.top_token_ids is not None else None
-        top_lp = res.top_logprobs.tolist() if res.top_logprobs is not None else None
+        if argmax_only(params, outputs):
+            token_ids, chosen, top_ids, top_lp = logits.argmax(dim=-1).tolist(), None, None, None
+        else:
+            sbatch = SamplingBatch.build(params, prompts, outputs, vocab_size=logits.shape[-1],
+                                         eos_token_id=self.eos_token_id, device=logits.device)
+            res = sample(logits, sbatch)
+            token_ids = res.token_ids.tolist()
+            chosen = res.logprobs.tolist() if res.logprobs is not None else None
+            top_ids = res.top_token_ids.tolist() if res.top_token_ids is not None else None
+            top_lp = res.top_logprobs.tolist() if res.top_logprobs is not None else None
         sampled: dict[str, list[tuple[int, TokenLogprobs | None]]] = {}
         for i, (owner, p) in enumerate(zip(owners, params)):
             lp = None

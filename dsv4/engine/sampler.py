@@ -248,6 +248,15 @@ def _sample_rows(logits: torch.Tensor, batch: SamplingBatch, rows: list[int]) ->
     return out
 
 
+def argmax_only(params: list[SamplingParams], output_ids: list[list[int]]) -> bool:
+    """Whether every row's token is its logits' plain argmax with nothing else asked: greedy,
+    no penalties, no stop tokens banned by min_tokens, no logprobs. Such a batch (greedy
+    serving, benchmarks) skips `SamplingBatch.build`: ~0.15 ms of a 32-request step."""
+    return all(p.temperature == 0.0 and p.logprobs is None and not p.presence_penalty
+               and not p.frequency_penalty and p.repetition_penalty == 1.0
+               and len(out) >= p.min_tokens for p, out in zip(params, output_ids))
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Pick one token per row. logits: [N, V] (any float dtype); rows follow `batch`."""
     logits = logits.float()
