@@ -30,26 +30,42 @@ def _assert_within_one_rounding(got: torch.Tensor, exact: torch.Tensor) -> None:
     assert torch.all((got.double() - exact).abs() <= step), (got.double() - exact).abs().max()
 
 
+def _torch_swiglu(x, w13, scale, limit):
+    """The experts' SwiGLU as torch's bf16 ops compute it (MoE's `_swiglu`)."""
+    gate, up = (x @ w13.transpose(-1, -2)).chunk(2, dim=-1)
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return torch.nn.functional.silu(gate) * up * scale
+
+
 @needs_kernel
-def test_padded_layout_runs_each_experts_own_rows_and_leaves_the_rest():
+@pytest.mark.parametrize("limit", [None, 0.7])  # 0.7: clamps many of the gate and up values
+def test_padded_experts_run_each_experts_own_rows(limit):
     g = torch.Generator().manual_seed(0)
-    E, C, K, N = 5, 16, 256, 192
-    w = torch.randn(E, N, K, generator=g).bfloat16()
-    x = torch.randn(E, C, 2 * K, generator=g).bfloat16()[..., :K]  # rows strided by 2K
+    E, C, D, inter = 5, 16, 128, 96
+    w13 = (torch.randn(E, 2 * inter, D, generator=g) * 0.2).bfloat16()  # w1's rows, w3's
+    w2 = (torch.randn(E, D, inter, generator=g) * 0.2).bfloat16()
+    rows = torch.randn(E, C, D, generator=g).bfloat16()
+    scale = torch.rand(E, C, 1, generator=g).bfloat16()
     counts = torch.tensor([0, 1, 6, 13, 16])  # none, a remainder tile, whole tiles, both
-    out = cpu_kernels.experts_matmul(x, counts, cpu_kernels.pack(w))
-    assert out.shape == (E, C, N)
+    out = cpu_kernels.padded_experts(rows, scale, counts, cpu_kernels.pack_gate_up(w13),
+                                     cpu_kernels.pack(w2), limit)
+    assert out.shape == (E, C, D)
     for e, n in enumerate(counts.tolist()):
-        _assert_within_one_rounding(out[e, :n], _exact(x[e, :n], w[e]))
+        want = _torch_swiglu(rows[e, :n], w13[e], scale[e, :n], limit) @ w2[e].T
+        torch.testing.assert_close(out[e, :n], want, atol=2e-2, rtol=2e-2)
+    with pytest.raises(RuntimeError, match="expert 2 has 17 rows, outside"):
+        cpu_kernels.padded_experts(rows, scale, torch.tensor([0, 1, 17, 1, 1]),
+                                   cpu_kernels.pack_gate_up(w13), cpu_kernels.pack(w2), limit)
 
 
 @needs_kernel
-def test_sorted_layout_takes_consecutive_rows_per_expert():
+def test_sorted_rows_take_consecutive_rows_per_expert():
     g = torch.Generator().manual_seed(1)
     E, K, N = 4, 64, 128
     w = torch.randn(E, N, K, generator=g).bfloat16()
-    counts = torch.tensor([7, 0, 300, 2])
-    x = torch.randn(int(counts.sum()), K, generator=g).bfloat16()
+    counts = torch.tensor([7, 0, 300, 2])  # none, a remainder tile, many whole ones
+    x = torch.randn(int(counts.sum()), 2 * K, generator=g).bfloat16()[:, :K]  # strided rows
     out = cpu_kernels.experts_matmul(x, counts, cpu_kernels.pack(w))
     first = 0
     for e, n in enumerate(counts.tolist()):
@@ -58,38 +74,33 @@ def test_sorted_layout_takes_consecutive_rows_per_expert():
 
 
 @needs_kernel
-@pytest.mark.parametrize("limit", [None, 0.7])  # 0.7: clamps many of the gate and up values
+@pytest.mark.parametrize("limit", [None, 0.7])
 def test_fused_swiglu_matches_torchs_ops_on_the_products(limit):
     g = torch.Generator().manual_seed(2)
-    E, C, K, inter = 3, 9, 128, 96
-    w13 = (torch.randn(E, 2 * inter, K, generator=g) * 0.2).bfloat16()  # w1's rows, then w3's
-    x = torch.randn(E, C, K, generator=g).bfloat16()
-    scale = torch.rand(E, C, 1, generator=g).bfloat16()
+    E, K, inter = 3, 128, 96
+    w13 = (torch.randn(E, 2 * inter, K, generator=g) * 0.2).bfloat16()
     counts = torch.tensor([9, 0, 4])
+    x = torch.randn(13, K, generator=g).bfloat16()
+    scale = torch.rand(13, 1, generator=g).bfloat16()
     h = cpu_kernels.experts_swiglu(x, counts, cpu_kernels.pack_gate_up(w13), scale, limit)
-    assert h.shape == (E, C, inter)
-    gate, up = torch.bmm(x, w13.transpose(1, 2)).chunk(2, dim=-1)
-    if limit is not None:
-        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-    want = torch.nn.functional.silu(gate) * up * scale
-    for e, n in enumerate(counts.tolist()):
-        torch.testing.assert_close(h[e, :n], want[e, :n], atol=1e-2, rtol=1e-2)
+    assert h.shape == (13, inter)
+    for e, rows in ((0, slice(0, 9)), (2, slice(9, 13))):
+        want = _torch_swiglu(x[rows], w13[e], scale[rows], limit)
+        torch.testing.assert_close(h[rows], want, atol=1e-2, rtol=1e-2)
 
 
 @needs_kernel
-def test_rows_of_the_wrong_dtype_or_width_are_refused_by_name():
+def test_rows_of_the_wrong_dtype_shape_or_count_are_refused_by_name():
     packed = cpu_kernels.pack(torch.zeros(2, 64, 32, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="bf16 rows of 32 contiguous values"):
-        cpu_kernels.experts_matmul(torch.zeros(2, 4, 32), torch.tensor([1, 1]), packed)
-    with pytest.raises(ValueError, match="bf16 rows of 32"):
-        cpu_kernels.experts_matmul(torch.zeros(2, 4, 16, dtype=torch.bfloat16),
+    with pytest.raises(ValueError, match=r"\[rows, 32\] bf16 rows"):
+        cpu_kernels.experts_matmul(torch.zeros(4, 32), torch.tensor([1, 1]), packed)
+    with pytest.raises(ValueError, match=r"\[rows, 32\] bf16 rows"):
+        cpu_kernels.experts_matmul(torch.zeros(4, 16, dtype=torch.bfloat16),
                                    torch.tensor([1, 1]), packed)
-    rows = torch.zeros(2, 4, 32, dtype=torch.bfloat16)
-    for counts in ([1, 5], [1, -1], [1, 1, 1]):  # past the rows, negative, an expert too many
+    rows = torch.zeros(4, 32, dtype=torch.bfloat16)
+    for counts in ([3, 2], [1, -1], [1, 1, 1]):  # past the rows, negative, an expert too many
         with pytest.raises(ValueError, match="do not fit rows"):
             cpu_kernels.experts_matmul(rows, torch.tensor(counts), packed)
-    with pytest.raises(ValueError, match="do not fit rows"):  # 3 + 2 sorted rows, 4 given
-        cpu_kernels.experts_matmul(rows[0], torch.tensor([3, 2]), packed)
 
 
 @needs_kernel

@@ -90,7 +90,7 @@ class _Counting:
         return logits
 
 
-BATCHED_EXPERTS = ("dsv4::grouped_experts", "dsv4::padded_experts")  # custom ops
+BATCHED_EXPERTS = ("dsv4::grouped_experts", "dsv4::padded_experts", "dsv4_cpu::padded_experts")
 
 
 class _Profiled:

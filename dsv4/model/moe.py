@@ -187,8 +187,12 @@ class MoE(nn.Module):
                        .index_put_((expert, rank), t)
                        for t in (x.repeat_interleave(k, 0),
                                  weights.flatten()[:, None].to(x.dtype)))
-        out = padded_experts(rows, scale, chose.sum(0), self._w13, self._w2,
-                             self.experts[0].limit, self._w13_packed, self._w2_packed)
+        limit = self.experts[0].limit
+        if self._w13_packed is not None and cpu_kernels.enabled:  # a C++ op: no Python
+            out = cpu_kernels.padded_experts(rows, scale, chose.sum(0), self._w13_packed,
+                                             self._w2_packed, limit)
+        else:
+            out = padded_experts(rows, scale, chose.sum(0), self._w13, self._w2, limit)
         return out[expert, rank].view(tokens, k, -1).sum(1)  # [T, dim]
 
 
@@ -253,18 +257,13 @@ def _swiglu(rows, scale, w13, w2, limit: float | None, matmul) -> torch.Tensor:
 
 @torch.library.custom_op("dsv4::padded_experts", mutates_args=())
 def padded_experts(rows: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor,
-                   w13: torch.Tensor, w2: torch.Tensor, limit: float | None,
-                   w13_packed: torch.Tensor | None, w2_packed: torch.Tensor | None
-                   ) -> torch.Tensor:
+                   w13: torch.Tensor, w2: torch.Tensor, limit: float | None) -> torch.Tensor:
     """Routed experts over rows laid out [E, C, dim] (`MoE._padded`): expert e's counts[e]
-    rows first, zeros after; scale [E, C, 1] their routing weights. With packed weights,
-    each expert's own rows through `cpu_kernels` (its SwiGLU fused into the first product);
-    else one batched product per matrix over the first max(counts) rows of every expert. That
-    width is data, which a compiled graph cannot trace. -> [E, C, dim]; rows past each
-    expert's count (past the busiest's with the batched product) are left unset, as nothing
-    reads them."""
-    if w13_packed is not None and cpu_kernels.enabled:
-        return _kernel_swiglu(rows, scale, counts, w13_packed, w2_packed, limit)
+    rows first, zeros after; scale [E, C, 1] their routing weights. One batched product per
+    matrix over the first max(counts) rows of every expert: that width is data, which a
+    compiled graph cannot trace. -> [E, C, dim]; rows past the busiest expert's count are
+    left unset, as nothing reads them. (With packed weights `MoE._padded` calls
+    `cpu_kernels.padded_experts` instead, which runs each expert's own rows.)"""
     width = int(counts.max())
     out = torch.empty_like(rows)
     out[:, :width] = _swiglu(rows[:, :width], scale[:, :width], w13, w2, limit, torch.bmm)
@@ -272,14 +271,15 @@ def padded_experts(rows: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor
 
 
 def _kernel_swiglu(rows, scale, counts, w13_packed, w2_packed, limit: float | None):
-    """`_swiglu` through `cpu_kernels`, on each expert's first counts[e] rows; the same bits
-    as torch's ops where oneDNN adds the products in the same order (AVX-512 BF16 CPUs)."""
+    """`_swiglu` through `cpu_kernels` over rows sorted by expert, counts[e] of expert e;
+    the same bits as torch's ops where oneDNN adds the products in the same order (AVX-512
+    BF16 CPUs)."""
     h = cpu_kernels.experts_swiglu(rows, counts, w13_packed, scale, limit)
     return cpu_kernels.experts_matmul(h, counts, w2_packed)
 
 
 @padded_experts.register_fake
-def _(rows, scale, counts, w13, w2, limit, w13_packed, w2_packed):
+def _(rows, scale, counts, w13, w2, limit):
     return torch.empty_like(rows)
 
 

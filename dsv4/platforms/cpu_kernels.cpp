@@ -19,8 +19,11 @@
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
 #include <stdint.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -180,6 +183,48 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed) {
   return out.view(sizes);
 }
 
+// The routed experts over rows laid out [E, C, D] (MoE._padded): expert e's first counts[e]
+// rows, scale [E, C, 1] their routing weights -> [E, C, D'] (other rows unset). The SwiGLU
+// product, then w2, each expert's own rows only; as a torch op, called from a compiled
+// graph's C++ without Python.
+at::Tensor padded_experts(const at::Tensor& rows, const at::Tensor& scale,
+                          const at::Tensor& counts, const at::Tensor& w13_packed,
+                          const at::Tensor& w2_packed, std::optional<double> limit) {
+  const int64_t E = rows.size(0), C = rows.size(1), D = rows.size(2);
+  TORCH_CHECK(rows.scalar_type() == at::kBFloat16 && rows.is_contiguous() &&
+                  scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() &&
+                  scale.numel() == E * C && counts.scalar_type() == at::kLong &&
+                  counts.is_contiguous() && counts.numel() == E &&
+                  w13_packed.is_contiguous() && w2_packed.is_contiguous() &&
+                  w13_packed.size(0) == E && w2_packed.size(0) == E &&
+                  2 * w13_packed.size(2) == D && 2 * w2_packed.size(2) == 32 * w13_packed.size(1),
+              "dsv4_cpu::padded_experts: contiguous bf16 rows [E, C, D], scale [E, C, 1], int64 "
+              "counts [E] and the packed weights of E experts, got ", rows.sizes(), ", ",
+              scale.sizes(), ", ", counts.sizes(), ", ", w13_packed.sizes(), ", ",
+              w2_packed.sizes());
+  const int64_t* count = counts.data_ptr<int64_t>();
+  for (int64_t e = 0; e < E; ++e)
+    TORCH_CHECK(count[e] >= 0 && count[e] <= C, "dsv4_cpu::padded_experts: expert ", e,
+                " has ", count[e], " rows, outside [0, ", C, "]");
+  const int64_t N13 = w13_packed.size(1) * 64, inter = N13 / 2, N2 = w2_packed.size(1) * 64;
+  at::Tensor h = at::empty({E, C, inter}, rows.options());
+  at::Tensor out = at::empty({E, C, N2}, rows.options());
+  std::vector<int64_t> x_offsets(E), h_offsets(E), s_offsets(E), out_offsets(E);
+  for (int64_t e = 0; e < E; ++e) {
+    x_offsets[e] = e * C * D, h_offsets[e] = e * C * inter;
+    s_offsets[e] = e * C, out_offsets[e] = e * C * N2;
+  }
+  // torch clamps bf16 values against the limit rounded to bf16
+  const float bound = limit ? static_cast<float>(c10::BFloat16(static_cast<float>(*limit)))
+                            : INFINITY;
+  auto bf16 = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+  experts<SwiGLU>(bf16(rows), x_offsets.data(), D, bf16(w13_packed), D * N13, count, E, D, N13,
+                  bf16(h), h_offsets.data(), inter, bf16(scale), s_offsets.data(), 1, bound);
+  experts<Store>(bf16(h), h_offsets.data(), inter, bf16(w2_packed), inter * N2, count, E, inter,
+                 N2, bf16(out), out_offsets.data(), N2, nullptr, nullptr, 0, 0.0f);
+  return out;
+}
+
 }  // namespace
 
 // x_offsets[e], out_offsets[e], scale_offsets[e]: where expert e's first row starts (in
@@ -202,6 +247,13 @@ extern "C" void dsv4_experts_swiglu(const uint16_t* x, const int64_t* x_offsets,
                   out_offsets, ldo, scale, scale_offsets, lds, limit);
 }
 
-TORCH_LIBRARY(dsv4_cpu, m) { m.def("linear(Tensor x, Tensor packed) -> Tensor"); }
+TORCH_LIBRARY(dsv4_cpu, m) {
+  m.def("linear(Tensor x, Tensor packed) -> Tensor");
+  m.def("padded_experts(Tensor rows, Tensor scale, Tensor counts, Tensor w13_packed, "
+        "Tensor w2_packed, float? limit) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(dsv4_cpu, CPU, m) { m.impl("linear", &linear); }
+TORCH_LIBRARY_IMPL(dsv4_cpu, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("padded_experts", &padded_experts);
+}

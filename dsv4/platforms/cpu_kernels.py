@@ -73,21 +73,29 @@ def pack_gate_up(w13: torch.Tensor) -> torch.Tensor:
     return pack(torch.cat([gate, up], dim=2).reshape(E, N, K))
 
 
-def experts_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """Each expert's rows times its weights (`pack`ed [E, N / 64, K / 2, 64, 2]), bf16.
+def padded_experts(rows: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor,
+                   w13_packed: torch.Tensor, w2_packed: torch.Tensor,
+                   limit: float | None) -> torch.Tensor:
+    """The routed experts over rows laid out [E, C, dim] (`MoE._padded`), expert e's first
+    counts[e] (int64) rows, scale [E, C, 1] their routing weights: `experts_swiglu` then
+    w2, as the torch op `dsv4_cpu::padded_experts` (no Python inside a compiled graph).
+    -> [E, C, dim], rows past each expert's count unset."""
+    return torch.ops.dsv4_cpu.padded_experts(rows, scale, counts, w13_packed, w2_packed, limit)
 
-    x [E, C, K]: expert e's rows are its first counts[e] -> [E, C, N]; or x [M, K], the rows
-    sorted by expert, counts[e] of expert e -> [M, N]. Other rows of the result are left
-    unset. The last dim of x must be contiguous."""
+
+def experts_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Rows x [M, K] sorted by expert, counts[e] of expert e, times their expert's weights
+    (`pack`ed [E, N / 64, K / 2, 64, 2]), bf16 -> [M, N]. The last dim of x must be
+    contiguous."""
     return _run(_library().dsv4_experts_matmul, x, counts, packed, COLUMN_BLOCK)
 
 
 def experts_swiglu(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor,
                    scale: torch.Tensor, limit: float | None) -> torch.Tensor:
-    """silu(x w1^T) * (x w3^T) * scale per expert's rows, w1 clamped to at most `limit` and w3
-    to +-limit first; rounded to bf16 where torch's bf16 ops on the unfused products round.
-    packed: `pack_gate_up`; scale: one routing weight per row of x, laid out as x's rows
-    ([E, C, 1] or [M, 1]). -> [E, C, inter] or [M, inter], as `experts_matmul`."""
+    """silu(x w1^T) * (x w3^T) * scale for rows x [M, K] sorted by expert as in
+    `experts_matmul`, w1 clamped to at most `limit` and w3 to +-limit first; rounded to bf16
+    where torch's bf16 ops on the unfused products round. packed: `pack_gate_up`; scale
+    [M, 1]: each row's routing weight. -> [M, inter]."""
     # torch clamps bf16 values against the limit rounded to bf16
     bound = float("inf") if limit is None else torch.tensor(limit).bfloat16().item()
     return _run(_library().dsv4_experts_swiglu, x, counts, packed, COLUMN_BLOCK // 2,
@@ -97,27 +105,26 @@ def experts_swiglu(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor,
 def _run(kernel, x, counts, packed, out_per_block, scale=None, limit=0.0) -> torch.Tensor:
     E, blocks, half_k = packed.shape[:3]
     K = 2 * half_k
-    if x.dtype != torch.bfloat16 or x.shape[-1] != K or x.stride(-1) != 1:
-        raise ValueError(f"experts_matmul needs bf16 rows of {K} contiguous values, got "
-                         f"{x.dtype} {tuple(x.shape)} with strides {x.stride()}")
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[-1] != K or x.stride(-1) != 1:
+        raise ValueError(f"experts_matmul needs [rows, {K}] bf16 rows, contiguous in their "
+                         f"last dim, got {x.dtype} {tuple(x.shape)} with strides {x.stride()}")
     # the kernel trusts the counts: rows it would read or write past x's are refused here
     rows = counts.tolist()
-    room = x.shape[1] if x.dim() == 3 else x.shape[0] - sum(rows) + max(rows, default=0)
-    if len(rows) != E or min(rows, default=0) < 0 or max(rows, default=0) > room or \
-            (scale is not None and scale.shape[:-1] != x.shape[:-1]):
+    if len(rows) != E or min(rows, default=0) < 0 or sum(rows) > len(x) or \
+            (scale is not None and len(scale) != len(x)):
         raise ValueError(f"expert row counts {rows} do not fit rows {tuple(x.shape)} (scale "
                          f"{None if scale is None else tuple(scale.shape)}) for {E} experts")
     counts = counts.to(torch.int64).contiguous()
-    out = x.new_empty(*x.shape[:-1], blocks * out_per_block)
-    # where each expert's rows start in x, out (and scale), in elements
-    first_row = torch.arange(E) if x.dim() == 3 else counts.cumsum(0) - counts
-    starts = [first_row * (t.stride(0) if x.dim() == 3 else t.stride(-2))
-              for t in (x, out, *([] if scale is None else [scale]))]
-    args = [x.data_ptr(), starts[0].data_ptr(), x.stride(-2), packed.data_ptr(),
+    out = x.new_empty(len(x), blocks * out_per_block)
+    first_row = counts.cumsum(0) - counts
+    # where each expert's rows start in x, out (and scale), in elements; held in a list
+    # until the call returns, as the kernel gets only their addresses
+    starts = [first_row * t.stride(0) for t in (x, out, *([] if scale is None else [scale]))]
+    args = [x.data_ptr(), starts[0].data_ptr(), x.stride(0), packed.data_ptr(),
             counts.data_ptr(), E, K, blocks * COLUMN_BLOCK, out.data_ptr(),
-            starts[1].data_ptr(), out.stride(-2)]
+            starts[1].data_ptr(), out.stride(0)]
     if scale is not None:
-        args += [scale.data_ptr(), starts[2].data_ptr(), scale.stride(-2), limit]
+        args += [scale.data_ptr(), starts[2].data_ptr(), scale.stride(0), limit]
     kernel(*args)
     return out
 
@@ -136,6 +143,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     torch.library.register_fake("dsv4_cpu::linear")(
         lambda x, packed: x.new_empty(*x.shape[:-1], packed.shape[0] * COLUMN_BLOCK))
+    torch.library.register_fake("dsv4_cpu::padded_experts")(
+        lambda rows, scale, counts, w13, w2, limit:
+        rows.new_empty(*rows.shape[:2], w2.shape[1] * COLUMN_BLOCK))
     matmul = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
               ctypes.c_void_p, ctypes.c_int64]
