@@ -15,7 +15,7 @@ from dsv4.platforms import cpu_kernels
 
 needs_kernel = pytest.mark.skipif(
     not cpu_kernels.can_pack(torch.zeros(1, 64, 2, dtype=torch.bfloat16)),
-    reason="this CPU has no AVX-512 BF16 (or no C++ compiler): the kernel is not used here")
+    reason="no AVX-512 BF16, or AMX, or no C++ compiler: the kernels are not used here")
 
 
 def _exact(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -188,7 +188,7 @@ def test_moe_through_the_kernel_matches_torchs_products(monkeypatch, compiling, 
 def test_a_failed_build_warns_and_leaves_torchs_products(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("DSV4_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "_cpu_gains", lambda: True)
     cpu_kernels._library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="could not build the CPU kernels"):

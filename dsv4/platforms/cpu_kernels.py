@@ -9,17 +9,22 @@ step reads them as contiguous 512-bit operands, and fuse the experts' SwiGLU int
 product: on a 2-core Zen 4 EPYC 1.7x-3x faster than torch's products on the benchmark
 config's shapes, with the same bits (docs/benchmarks.md).
 
-- `experts_swiglu` / `experts_matmul`: the routed experts (`MoE`), called through ctypes
-  from the experts' custom ops, which run Python anyway.
-- `linear`: a dense product, the torch op `dsv4_cpu::linear`, which a compiled graph calls
-  from its C++ without Python (the model's `fusion.linear` picks it for steps of many rows).
+- `padded_experts`: the routed experts of a compiled step of many tokens (`MoE._padded`),
+  the torch op `dsv4_cpu::padded_experts`, which a compiled graph calls from its C++ without
+  Python.
+- `experts_swiglu` / `experts_matmul`: the routed experts over rows sorted by expert (the
+  eager path's `grouped_experts` custom op, which runs Python anyway), through ctypes.
+- `linear`: a dense product, the torch op `dsv4_cpu::linear` (the model's `fusion.linear`
+  picks it, except in compiled graphs of a few rows).
 
 The source ships with the package and is compiled on first use, against torch's headers,
 with the C++ compiler that torch.compile also needs (`$CXX`, else `c++`; ~5 s), into a cache
 directory (`$DSV4_CACHE_DIR`, else `$XDG_CACHE_HOME/dsv4` or `~/.cache/dsv4`). Where the CPU
-lacks AVX-512 BF16, the compiler is missing or the shapes do not fit (columns a multiple of
-64, an even inner dim), the model keeps torch's products. `DSV4_CPU_KERNELS=0` turns the
-kernels off (`enabled`; read when the weights are packed and, for the experts, every call).
+lacks AVX-512 BF16 or has AMX (`_cpu_gains`), the compiler is missing or the shapes do not
+fit (columns a multiple of 64, an even inner dim), the model keeps torch's products; so do
+float32 models. The packed copies double the memory of the weights they cover.
+`DSV4_CPU_KERNELS=0` turns the kernels off (`enabled`: read when the weights are packed and
+when a product is traced or run).
 """
 
 from __future__ import annotations
@@ -131,7 +136,7 @@ def _run(kernel, x, counts, packed, out_per_block, scale=None, limit=0.0) -> tor
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+    if not _cpu_gains():
         return None
     try:
         lib = ctypes.CDLL(str(_build()))  # registers dsv4_cpu::linear
@@ -154,6 +159,15 @@ def _library() -> ctypes.CDLL | None:
                                                  ctypes.c_int64, ctypes.c_float]
     lib.dsv4_experts_matmul.restype = lib.dsv4_experts_swiglu.restype = None
     return lib
+
+
+def _cpu_gains() -> bool:
+    """AVX-512 BF16 without AMX: where the kernels were measured faster (Zen 4). With AMX
+    (Intel since Sapphire Rapids) oneDNN multiplies bf16 on the tile unit, which these kernels
+    do not use; torch's products stay there until measured."""
+    def has(feature: str) -> bool:
+        return getattr(torch.cpu, f"_is_{feature}_supported", lambda: False)()
+    return has("avx512_bf16") and not has("amx_tile")
 
 
 def _build() -> Path:
