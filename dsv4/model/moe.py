@@ -122,9 +122,9 @@ class MoE(nn.Module):
         # [E, in, out]; buffers, so that .to() moves them with the parameters
         self.register_buffer("_w13", w13.transpose(1, 2), persistent=False)
         self.register_buffer("_w2", w2.transpose(1, 2), persistent=False)
-        # bf16 on a CPU with AVX-512 BF16: a copy of each in the layout of our kernel, which
-        # runs the padded and sorted products (the routed experts' memory twice over; the
-        # few-token steps read the stacks above in place)
+        # bf16 on a CPU the kernels serve: a copy of each in their layout, for the padded and
+        # sorted products (the routed experts' memory twice over; steps of a few tokens read
+        # the stacks above in place)
         packable = cpu_kernels.can_pack(w13) and cpu_kernels.can_pack(w2)
         self.register_buffer("_w13_packed", cpu_kernels.pack_gate_up(w13) if packable else None,
                              persistent=False)
@@ -217,7 +217,8 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     counts = torch.bincount(flat, minlength=len(w2))
     rows, scale = x[token], weights.flatten()[order, None].to(x.dtype)
     if w13_packed is not None and cpu_kernels.enabled:  # each expert's own rows, in order
-        out = _kernel_swiglu(rows, scale, counts, w13_packed, w2_packed, limit)
+        h = cpu_kernels.experts_swiglu(rows, counts, w13_packed, scale, limit)
+        out = cpu_kernels.experts_matmul(h, counts, w2_packed)
         return torch.zeros_like(x).index_add_(0, token, out)
     width = int(counts.max())
     padded = width <= SMALL_GROUP and bool(counts.min() > 0)
@@ -268,14 +269,6 @@ def padded_experts(rows: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor
     out = torch.empty_like(rows)
     out[:, :width] = _swiglu(rows[:, :width], scale[:, :width], w13, w2, limit, torch.bmm)
     return out
-
-
-def _kernel_swiglu(rows, scale, counts, w13_packed, w2_packed, limit: float | None):
-    """`_swiglu` through `cpu_kernels` over rows sorted by expert, counts[e] of expert e;
-    the same bits as torch's ops where oneDNN adds the products in the same order (AVX-512
-    BF16 CPUs)."""
-    h = cpu_kernels.experts_swiglu(rows, counts, w13_packed, scale, limit)
-    return cpu_kernels.experts_matmul(h, counts, w2_packed)
 
 
 @padded_experts.register_fake

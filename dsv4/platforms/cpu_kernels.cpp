@@ -1,6 +1,7 @@
 // Matrix products in bf16 for CPUs with AVX-512 BF16 (see cpu_kernels.py): the routed
-// experts' (C functions, called through ctypes) and dense ones (the torch op dsv4_cpu::linear,
-// which compiled graphs call without Python).
+// experts' (the torch op dsv4_cpu::padded_experts, and C functions over rows sorted by expert
+// that the eager path calls through ctypes) and dense ones (the torch op dsv4_cpu::linear).
+// Compiled graphs call the torch ops from C++, without Python.
 //
 // out[e][r] = x[e][r] . W[e]^T for the first counts[e] rows r of each expert e, with float32
 // sums rounded once to bf16 (round to nearest even), as torch's bf16 matmuls do.
@@ -17,9 +18,9 @@
 // pair is broadcast once per row and each weight vector loaded once per tile.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <stdint.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <cmath>
