@@ -113,6 +113,9 @@ def _run(kernel, x, counts, packed, out_per_block, scale=None, limit=0.0) -> tor
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[-1] != K or x.stride(-1) != 1:
         raise ValueError(f"experts_matmul needs [rows, {K}] bf16 rows, contiguous in their "
                          f"last dim, got {x.dtype} {tuple(x.shape)} with strides {x.stride()}")
+    if packed.dtype != torch.bfloat16 or not packed.is_contiguous():
+        raise ValueError("experts_matmul needs the weights as `pack` returns them: contiguous "
+                         f"bf16, got {packed.dtype} with strides {packed.stride()}")
     # the kernel trusts the counts: rows it would read or write past x's are refused here
     rows = counts.tolist()
     if len(rows) != E or min(rows, default=0) < 0 or sum(rows) > len(x) or \
