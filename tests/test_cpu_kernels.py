@@ -99,7 +99,9 @@ def test_rows_of_the_wrong_dtype_shape_or_count_are_refused_by_name():
                                    torch.tensor([1, 1]), packed)
     rows = torch.zeros(4, 32, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="as `pack` returns them"):
-        cpu_kernels.experts_matmul(rows, torch.tensor([1, 1]), packed.transpose(0, 1))
+        cpu_kernels.experts_matmul(rows, torch.tensor([1, 1]), packed.transpose(-1, -2))
+    with pytest.raises(ValueError, match="as `pack` returns them"):
+        cpu_kernels.experts_matmul(rows, torch.tensor([1, 1]), packed.float())
     for counts in ([3, 2], [1, -1], [1, 1, 1]):  # past the rows, negative, an expert too many
         with pytest.raises(ValueError, match="do not fit rows"):
             cpu_kernels.experts_matmul(rows, torch.tensor(counts), packed)
