@@ -142,7 +142,7 @@ def _library() -> ctypes.CDLL | None:
     if not _cpu_gains():
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))  # registers dsv4_cpu::linear
+        lib = ctypes.CDLL(str(_build()))  # registers the dsv4_cpu:: torch ops
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or e
         warnings.warn(f"dsv4: could not build the CPU kernels ({detail}); the model uses "
@@ -198,7 +198,7 @@ def _build() -> Path:
 
 
 def _torch_flags() -> list[str]:
-    """Compile against this torch's headers and link its libraries (for dsv4_cpu::linear)."""
+    """Compile against this torch's headers and link its libraries (for the torch ops)."""
     root = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
